@@ -1,0 +1,256 @@
+"""From a source frame to the backbone's input tiles, and from tile scores back to one map.
+
+The same ``Preprocessor`` runs at fit time and at inference time and is fully
+described by a ``PreprocessSpec`` stored in the bundle: a mismatch between the
+two is the most common production bug with exported models, so there is only
+one implementation.
+
+Geometry: the frame is cropped to the ROI, resized (keeping its aspect ratio, to
+a working size whose sides are multiples of 16) and, optionally, cut into
+overlapping tiles of one fixed size, which go through the backbone as one batch.
+Tile origins are multiples of the feature stride, so each tile's patch grid is a
+window of one global patch grid; the tile maps are blended back with weights
+that fade towards inner tile edges, where zero padding distorts features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+
+from .errors import ConfigError, ImageError
+from .imaging import to_rgb8
+
+#: Feature stride of the backbone's patch grid; tile origins are multiples of it.
+STRIDE = 8
+#: Input sides must be multiples of this (the deepest tap has stride 16).
+MULTIPLE = 16
+#: Relative aspect-ratio difference tolerated between a frame and the fitted geometry.
+ASPECT_TOLERANCE = 0.02
+
+
+def round_to(value: float, multiple: int = MULTIPLE) -> int:
+    """Nearest positive multiple of ``multiple``."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a source frame becomes backbone input; saved in the bundle.
+
+    Attributes:
+        source_size: ``(H, W)`` of the frames the model is fitted on.
+        size: working ``(H, W)`` after ROI crop and resize, multiples of 16.
+        tile: tile ``(H, W)`` (multiples of 16), or ``None`` for one whole-image pass.
+        overlap: minimum overlap between neighbouring tiles, working pixels.
+        roi: ``(x, y, w, h)`` crop in source pixels, or ``None`` for the whole frame.
+        white_level: 16-bit value mapped to 255 (``None``: 65535).
+    """
+
+    source_size: tuple[int, int]
+    size: tuple[int, int]
+    tile: tuple[int, int] | None = None
+    overlap: int = 32
+    roi: tuple[int, int, int, int] | None = None
+    white_level: int | None = None
+
+    def __post_init__(self) -> None:
+        check_spec(self)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessSpec:
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"preprocess: unknown keys {sorted(unknown)}")
+        tup = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**tup)
+
+    @classmethod
+    def for_source(
+        cls,
+        source_size: tuple[int, int],
+        height: int,
+        width: int | None = None,
+        tile: tuple[int, int] | None = None,
+        overlap: int = 32,
+        roi: tuple[int, int, int, int] | None = None,
+        white_level: int | None = None,
+    ) -> PreprocessSpec:
+        """A spec whose working width keeps the (ROI's) aspect ratio unless ``width`` is given."""
+        rh, rw = (roi[3], roi[2]) if roi else source_size
+        h = round_to(height)
+        w = round_to(width) if width else round_to(h * rw / rh)
+        return cls(tuple(source_size), (h, w), tile and tuple(tile), overlap, roi and tuple(roi), white_level)
+
+
+def check_spec(spec: PreprocessSpec) -> None:
+    """Cross-field checks; raises ``ConfigError`` saying which setting is wrong."""
+    sh, sw = spec.source_size
+    if sh <= 0 or sw <= 0:
+        raise ConfigError(f"preprocess.source_size must be positive, got {spec.source_size}")
+    h, w = spec.size
+    if h % MULTIPLE or w % MULTIPLE or h <= 0 or w <= 0:
+        raise ConfigError(f"preprocess.size {spec.size} must be positive multiples of {MULTIPLE}")
+    if spec.tile is not None:
+        th, tw = spec.tile
+        if th % MULTIPLE or tw % MULTIPLE or th <= 0 or tw <= 0:
+            raise ConfigError(f"preprocess.tile {spec.tile} must be positive multiples of {MULTIPLE}")
+        if th > h or tw > w:
+            raise ConfigError(f"preprocess.tile {spec.tile} is larger than the working size {spec.size}")
+        if not 0 <= spec.overlap < min(th, tw):
+            raise ConfigError(f"preprocess.overlap {spec.overlap} must be in [0, tile side)")
+    if spec.roi is not None:
+        x, y, rw, rh = spec.roi
+        if x < 0 or y < 0 or rw <= 0 or rh <= 0 or x + rw > sw or y + rh > sh:
+            raise ConfigError(f"preprocess.roi {spec.roi} (x, y, w, h) does not fit in a {sw}x{sh} frame")
+    if spec.white_level is not None and not 1 <= spec.white_level <= 65535:
+        raise ConfigError(f"preprocess.white_level must be in [1, 65535], got {spec.white_level}")
+
+
+def _origins(total: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along one axis: evenly spread, multiples of STRIDE, covering [0, total)."""
+    if tile >= total:
+        return [0]
+    n = math.ceil((total - overlap) / (tile - overlap))
+    n = max(n, 2)
+    last = total - tile
+    origins = sorted({min(last, int(round(i * last / (n - 1) / STRIDE)) * STRIDE) for i in range(n)})
+    origins[-1] = last
+    return origins
+
+
+def _ramp(n: int, fade_lo: int, fade_hi: int) -> np.ndarray:
+    """1-D blending weights: rise over ``fade_lo`` cells at the start, fall over ``fade_hi`` at the end."""
+    w = np.ones(n, np.float32)
+    for i in range(n):
+        if fade_lo:
+            w[i] = min(w[i], (i + 0.5) / fade_lo)
+        if fade_hi:
+            w[i] = min(w[i], (n - i - 0.5) / fade_hi)
+    return w
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where each tile sits in the working image and how tile maps are blended back."""
+
+    origins: tuple[tuple[int, int], ...]
+    tile: tuple[int, int]
+    grid: tuple[int, int]
+    weights: np.ndarray = field(repr=False, compare=False)  # [T, th/8, tw/8], already normalised
+
+    @property
+    def count(self) -> int:
+        """Number of tiles."""
+        return len(self.origins)
+
+
+def plan_tiles(spec: PreprocessSpec) -> TilePlan:
+    """The tiling of ``spec``'s working image (one tile when ``spec.tile`` is None)."""
+    h, w = spec.size
+    th, tw = spec.tile or spec.size
+    ys, xs = _origins(h, th, spec.overlap), _origins(w, tw, spec.overlap)
+    origins = tuple((y, x) for y in ys for x in xs)
+    gh, gw, ph, pw = h // STRIDE, w // STRIDE, th // STRIDE, tw // STRIDE
+    weights = np.zeros((len(origins), ph, pw), np.float32)
+    for t, (y, x) in enumerate(origins):
+        fade = [0, 0, 0, 0]  # fade in over the overlap with the neighbour on each inner side
+        for (yy, xx) in origins:
+            if xx == x and 0 < y - yy < th:
+                fade[0] = max(fade[0], (yy + th - y) // STRIDE)
+            if xx == x and 0 < yy - y < th:
+                fade[1] = max(fade[1], (y + th - yy) // STRIDE)
+            if yy == y and 0 < x - xx < tw:
+                fade[2] = max(fade[2], (xx + tw - x) // STRIDE)
+            if yy == y and 0 < xx - x < tw:
+                fade[3] = max(fade[3], (x + tw - xx) // STRIDE)
+        weights[t] = np.outer(_ramp(ph, fade[0], fade[1]), _ramp(pw, fade[2], fade[3]))
+    total = np.zeros((gh, gw), np.float32)
+    for t, (y, x) in enumerate(origins):
+        total[y // STRIDE : y // STRIDE + ph, x // STRIDE : x // STRIDE + pw] += weights[t]
+    for t, (y, x) in enumerate(origins):
+        weights[t] /= total[y // STRIDE : y // STRIDE + ph, x // STRIDE : x // STRIDE + pw]
+    return TilePlan(origins, (th, tw), (gh, gw), weights)
+
+
+class Preprocessor:
+    """Applies a ``PreprocessSpec``: frame pixels -> uint8 NHWC tile batch, tile scores -> patch map."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        self.spec = spec
+        self.plan = plan_tiles(spec)
+        sh, sw = spec.source_size
+        rh, rw = (spec.roi[3], spec.roi[2]) if spec.roi else (sh, sw)
+        self._aspect = rw / rh
+        self._batch = np.empty((self.plan.count, *self.plan.tile, 3), np.uint8) if spec.tile else None
+
+    def region(self, image: np.ndarray) -> np.ndarray:
+        """The ROI of a frame, after checking the frame's geometry against the spec."""
+        spec = self.spec
+        h, w = image.shape[:2]
+        if spec.roi is not None:
+            x, y, rw, rh = spec.roi
+            if x + rw > w or y + rh > h:
+                raise ImageError(None, f"frame is {w}x{h}, too small for the ROI {spec.roi} (x, y, w, h)")
+            return image[y : y + rh, x : x + rw]
+        if abs(w / h - self._aspect) > ASPECT_TOLERANCE * self._aspect:
+            sh, sw = spec.source_size
+            raise ImageError(
+                None, f"frame is {w}x{h} but the model was fitted on {sw}x{sh} frames (aspect ratio differs)"
+            )
+        return image
+
+    def working_image(self, image: np.ndarray) -> np.ndarray:
+        """ROI crop, 8-bit RGB, resized to the working size: ``[H, W, 3]`` uint8."""
+        region = to_rgb8(self.region(image), self.spec.white_level)
+        h, w = self.spec.size
+        rh, rw = region.shape[:2]
+        interp = cv2.INTER_AREA if rh > h or rw > w else cv2.INTER_LINEAR
+        return cv2.resize(region, (w, h), interpolation=interp)
+
+    def tiles(self, image: np.ndarray) -> np.ndarray:
+        """The backbone batch ``[T, th, tw, 3]`` uint8 for one frame.
+
+        The returned array is reused by the next call when tiling; copy it to keep it.
+        """
+        work = self.working_image(image)
+        if self._batch is None:
+            return work[None]
+        th, tw = self.plan.tile
+        for t, (y, x) in enumerate(self.plan.origins):
+            self._batch[t] = work[y : y + th, x : x + tw]
+        return self._batch
+
+    def stitch(self, tile_scores: np.ndarray) -> np.ndarray:
+        """Blend per-tile patch scores ``[T, th/8, tw/8]`` into one ``[H/8, W/8]`` map."""
+        plan = self.plan
+        if plan.count == 1:
+            return np.ascontiguousarray(tile_scores[0], dtype=np.float32)
+        out = np.zeros(plan.grid, np.float32)
+        ph, pw = tile_scores.shape[1:]
+        for t, (y, x) in enumerate(plan.origins):
+            out[y // STRIDE : y // STRIDE + ph, x // STRIDE : x // STRIDE + pw] += tile_scores[t] * plan.weights[t]
+        return out
+
+    def valid_patches(self, valid_mask: np.ndarray | None) -> np.ndarray | None:
+        """Per-tile bool ``[T, th/8, tw/8]``: patches at least half inside the valid area of a source-size mask."""
+        if valid_mask is None:
+            return None
+        spec = self.spec
+        if valid_mask.shape != tuple(spec.source_size):
+            raise ImageError(None, f"valid-area mask is {valid_mask.shape[::-1]} (WxH) but frames are "
+                             f"{spec.source_size[::-1]}")
+        region = self.region(valid_mask.astype(np.float32))
+        gh, gw = self.plan.grid
+        grid = cv2.resize(region, (gw, gh), interpolation=cv2.INTER_AREA) >= 0.5
+        ph, pw = self.plan.tile[0] // STRIDE, self.plan.tile[1] // STRIDE
+        return np.stack([grid[y // STRIDE : y // STRIDE + ph, x // STRIDE : x // STRIDE + pw]
+                         for y, x in self.plan.origins])

@@ -1,0 +1,89 @@
+"""The scorer interface and its registry.
+
+A scorer turns patch embeddings ``[T, C, h, w]`` into patch scores ``[T, h, w]``.
+It is pure computation (NumPy, Numba, FAISS): no files, no bundles, no cameras.
+Its state is a dict of NumPy arrays plus JSON-ready metadata, which the bundle
+module stores and verifies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import ConfigError
+
+#: Called after each training image with (images done, images total).
+Progress = Callable[[int, int], None]
+
+
+class Scorer(ABC):
+    """Fit on good images' features, then score patches of new images."""
+
+    #: Registry key, stored in bundles.
+    type: ClassVar[str]
+    #: The scorer's frozen config dataclass.
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @abstractmethod
+    def fit(self, features: Iterable[np.ndarray], n_images: int, valid: np.ndarray | None = None,
+            progress: Progress | None = None) -> dict:
+        """Learn from ``n_images`` feature maps ``[T, C, h, w]`` (float32), streamed one at a time.
+
+        Args:
+            features: one ``[T, C, h, w]`` array per training image.
+            n_images: how many the iterable yields (to preallocate).
+            valid: ``[T, h, w]`` bool, patches inside the valid area (others are ignored).
+            progress: optional callback per image.
+
+        Returns:
+            Fit statistics for the manifest (timings, sizes).
+        """
+
+    @abstractmethod
+    def score(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """Patch scores ``[T, h, w]`` float32 and the raw image score for one image's features."""
+
+    @abstractmethod
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays and JSON metadata that fully describe the fitted scorer."""
+
+    @abstractmethod
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Restore what ``state`` returned."""
+
+    def warm_up(self, shape: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
+        """Run once on dummy features of ``shape`` so no compile or allocation hits the first frame."""
+
+
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator adding a scorer to the registry under ``cls.type``."""
+    SCORERS[cls.type] = cls
+    return cls
+
+
+def config_from_dict(config_cls: type, data: dict, where: str) -> Any:
+    """Build a frozen config dataclass, refusing unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(names)}")
+    return config_cls(**data)
+
+
+def create(scorer_type: str, settings: dict | None = None) -> Scorer:
+    """A new scorer of a registered type, its config built from ``settings``."""
+    if scorer_type not in SCORERS:
+        raise ConfigError(f"unknown scorer type {scorer_type!r}; available: {sorted(SCORERS)}")
+    cls = SCORERS[scorer_type]
+    return cls(config_from_dict(cls.Config, settings or {}, f"scorer {scorer_type}"))

@@ -1,0 +1,340 @@
+"""PatchCore: nearest-neighbour distance to a coreset memory bank of good patches.
+
+Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022).
+The bank lives outside the backbone graph, in a FAISS index, so it can be
+searched approximately, grown and swapped without recompiling anything.
+
+Search at inference has two stages when ``candidates="positional"``:
+
+1. every query patch is compared with a short list of bank rows learned for its
+   position (the rows that training patches around that position matched). That
+   gives a true distance to some bank row, i.e. an upper bound of the exact
+   nearest-neighbour distance, in a fraction of the time of a full search;
+2. the patches with the largest bounds are searched exactly in the FAISS index,
+   in growing batches, until the largest exact distance found is at least the
+   largest remaining bound. The image score is then exactly what an exhaustive
+   search gives; only patches far below the maximum keep their (slightly high)
+   bound in the anomaly map.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from appliance_kernels.coreset import greedy_coreset
+from appliance_kernels.nn_search import shortlist_nn
+
+from ..errors import ConfigError, ScorerError
+from .base import Progress, Scorer, register
+
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+CANDIDATE_SOURCES = ("positional", "none")
+#: First refinement batch of the certified search; it grows 4x per round.
+_REFINE_START = 16
+#: Training patches sampled to measure the bank's coverage radius.
+_COVERAGE_SAMPLE = 20000
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """PatchCore settings.
+
+    Attributes:
+        coreset_ratio: fraction of training patches kept in the bank.
+        max_bank: upper bound on the bank size (``None``: no bound).
+        projection_dim: random-projection width for the coreset's distances.
+        num_neighbors: support size of the paper's image-score reweighting.
+        reweight: apply the reweighting (anomalib does); off uses the plain maximum.
+        index: FAISS index over the bank: ``flat`` (exact), ``hnsw`` or ``ivf``.
+        hnsw_m: HNSW graph degree.
+        ef_search: HNSW search depth.
+        ivf_lists: IVF lists (``None``: 4 * sqrt(bank size)).
+        nprobe: IVF lists visited per query.
+        candidates: ``positional`` shortlists + certified refinement, or ``none``
+            (every query goes to the FAISS index).
+        shortlist: bank rows per position.
+        shortlist_radius: neighbourhood (in patches) pooled into a position's shortlist.
+        seed: seeds the projection and the coreset's first pick.
+    """
+
+    coreset_ratio: float = 0.01
+    max_bank: int | None = None
+    projection_dim: int = 32
+    num_neighbors: int = 9
+    reweight: bool = False
+    index: str = "flat"
+    hnsw_m: int = 32
+    ef_search: int = 64
+    ivf_lists: int | None = None
+    nprobe: int = 8
+    candidates: str = "positional"
+    shortlist: int = 64
+    shortlist_radius: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.coreset_ratio <= 1:
+            raise ConfigError(f"patchcore.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.index not in INDEX_TYPES:
+            raise ConfigError(f"patchcore.index must be one of {INDEX_TYPES}, got {self.index!r}")
+        if self.candidates not in CANDIDATE_SOURCES:
+            raise ConfigError(f"patchcore.candidates must be one of {CANDIDATE_SOURCES}, got {self.candidates!r}")
+        for name in ("projection_dim", "num_neighbors", "shortlist", "hnsw_m", "ef_search", "nprobe"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"patchcore.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_bank is not None and self.max_bank < 1:
+            raise ConfigError(f"patchcore.max_bank must be >= 1 or null, got {self.max_bank}")
+
+
+def build_index(bank: np.ndarray, config: PatchCoreConfig) -> faiss.Index:
+    """The FAISS index the config asks for, holding ``bank``."""
+    n, d = bank.shape
+    if config.index == "hnsw":
+        index = faiss.IndexHNSWFlat(d, config.hnsw_m)
+        index.hnsw.efSearch = config.ef_search
+    elif config.index == "ivf":
+        lists = config.ivf_lists or max(1, int(4 * np.sqrt(n)))
+        lists = min(lists, max(1, n // 39))  # FAISS wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, lists)
+        index.train(bank)
+        index.nprobe = config.nprobe
+    else:
+        index = faiss.IndexFlatL2(d)
+    index.add(bank)
+    return index
+
+
+def build_shortlists(assign: np.ndarray, grid: tuple[int, int, int], length: int, radius: int) -> np.ndarray:
+    """Per position, the ``length`` bank rows most often matched around it in training.
+
+    Args:
+        assign: ``[N_images, T*h*w]`` bank row matched by each training patch (-1: not valid).
+        grid: ``(T, h, w)`` of the patch positions.
+        length: shortlist length ``L``.
+        radius: neighbourhood radius in patches (within a tile).
+
+    Returns:
+        ``[T*h*w, L]`` int32, padded with -1.
+    """
+    t_count, h, w = grid
+    a = assign.reshape(assign.shape[0], t_count, h, w)
+    out = np.full((t_count * h * w, length), -1, np.int32)
+    fallback = np.bincount(assign[assign >= 0]).argsort()[::-1][:length]  # globally most used rows
+    for t in range(t_count):
+        for y in range(h):
+            for x in range(w):
+                block = a[:, t, max(0, y - radius) : y + radius + 1, max(0, x - radius) : x + radius + 1].ravel()
+                block = block[block >= 0]
+                rows = fallback
+                if block.size:
+                    values, counts = np.unique(block, return_counts=True)
+                    rows = values[np.argsort(-counts, kind="stable")[:length]]
+                out[(t * h + y) * w + x, : rows.size] = rows
+    return out
+
+
+@register
+class PatchCore(Scorer):
+    """Memory-bank nearest-neighbour scorer."""
+
+    type = "patchcore"
+    Config = PatchCoreConfig
+
+    def __init__(self, config: PatchCoreConfig) -> None:
+        super().__init__(config)
+        self.bank: np.ndarray | None = None
+        self.index: faiss.Index | None = None
+        self.shortlist: np.ndarray | None = None
+        self.valid: np.ndarray | None = None
+        self.coverage_radius = 0.0
+        self.refined_last = 0  # patches searched exactly for the last image (for benchmarks)
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, features: Iterable[np.ndarray], n_images: int, valid: np.ndarray | None = None,
+            progress: Progress | None = None) -> dict:
+        """Collect valid training patches (float16), select the coreset, index it."""
+        t0 = time.perf_counter()
+        buf = keep = None
+        count = 0
+        for x in features:
+            t, c, h, w = x.shape
+            if buf is None:
+                grid = (t, h, w)
+                keep = np.ones(t * h * w, bool) if valid is None else valid.reshape(-1).astype(bool)
+                per_image = int(keep.sum())
+                if per_image == 0:
+                    raise ScorerError("the valid-area mask leaves no patch to learn from")
+                buf = np.empty((n_images * per_image, c), np.float16)
+            elif (t, h, w) != grid:
+                raise ScorerError(f"training features changed shape from {grid} to {(t, h, w)}")
+            if count >= n_images:
+                raise ScorerError(f"more than the announced {n_images} training images")
+            rows = x.reshape(t, c, h * w).transpose(0, 2, 1).reshape(-1, c)
+            buf[count * per_image : (count + 1) * per_image] = rows[keep]
+            count += 1
+            if progress:
+                progress(count, n_images)
+        if buf is None:
+            raise ScorerError("no training images")
+        buf = buf[: count * per_image]
+        t1 = time.perf_counter()
+        k = max(1, int(round(self.config.coreset_ratio * len(buf))))
+        k = min(k, self.config.max_bank or k, len(buf))
+        selected, assign = greedy_coreset(buf, k, projection_dim=self.config.projection_dim,
+                                          seed=self.config.seed, return_assignment=True)
+        t2 = time.perf_counter()
+        self.bank = buf[selected].astype(np.float32)
+        self.valid = None if valid is None else valid.astype(bool)
+        full_assign = np.full((count, t * h * w), -1, np.int32)
+        full_assign[:, keep] = assign.reshape(count, per_image)
+        self.shortlist = build_shortlists(full_assign, grid, self.config.shortlist, self.config.shortlist_radius)
+        self.index = build_index(self.bank, self.config)
+        rng = np.random.default_rng(self.config.seed)
+        sample = buf[rng.choice(len(buf), min(len(buf), _COVERAGE_SAMPLE), replace=False)].astype(np.float32)
+        d2, _ = self.index.search(sample, 1)
+        self.coverage_radius = float(np.sqrt(max(float(d2.max()), 0.0)))
+        return {"images": count, "patches": len(buf), "bank": k, "collect_s": round(t1 - t0, 3),
+                "coreset_s": round(t2 - t1, 3), "index_s": round(time.perf_counter() - t2, 3),
+                "coverage_radius": round(self.coverage_radius, 4)}
+
+    # ---------------------------------------------------------------- scoring
+    def _queries(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        t, c, p = x.shape
+        return np.ascontiguousarray(x[rows // p, :, rows % p])
+
+    def nearest(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Squared NN distance ``[T*P]`` and bank row for every patch (exact at the top, see module doc)."""
+        if self.bank is None:
+            raise ScorerError("PatchCore scorer used before fit or load")
+        t, c, h, w = features.shape
+        if c != self.bank.shape[1] or t * h * w != self.shortlist.shape[0]:
+            raise ScorerError(f"features {features.shape} do not fit this bank ({self.bank.shape[1]} channels, "
+                              f"{self.shortlist.shape[0]} positions)")
+        x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
+        if self.config.candidates == "none":
+            d2, nn = self.index.search(np.ascontiguousarray(x.transpose(0, 2, 1).reshape(-1, c)), 1)
+            self.refined_last = d2.shape[0]
+            return np.maximum(d2[:, 0], 0), nn[:, 0].astype(np.int32)
+        d2, nn = shortlist_nn(x, self.bank, self.shortlist)
+        if self.valid is not None:
+            d2[~self.valid.reshape(-1)] = 0.0
+        order = np.argsort(-d2)
+        done, batch = 0, _REFINE_START
+        while done < order.size:
+            rows = order[done : done + batch]
+            ed2, enn = self.index.search(self._queries(x, rows), 1)
+            better = (enn[:, 0] >= 0) & (ed2[:, 0] < d2[rows])
+            d2[rows[better]], nn[rows[better]] = ed2[better, 0], enn[better, 0]
+            done += rows.size
+            # Certified when the best refined distance beats every bound not yet refined.
+            if done >= order.size or d2[order[:done]].max() >= d2[order[done]]:
+                break
+            batch *= 4
+        self.refined_last = done
+        return np.maximum(d2, 0), nn
+
+    def score(self, features: np.ndarray) -> tuple[np.ndarray, float]:
+        """Patch scores (NN distances) and the image score (max, optionally reweighted)."""
+        d2, nn = self.nearest(features)
+        t, _, h, w = features.shape
+        dist = np.sqrt(d2).reshape(t, h, w)
+        if self.valid is not None:
+            dist *= self.valid
+        top = int(np.argmax(dist))
+        image_score = float(dist.reshape(-1)[top])
+        if self.config.reweight and self.bank.shape[0] > 1:
+            image_score *= self._reweight(features, top, int(nn[top]))
+        return dist, image_score
+
+    def _reweight(self, features: np.ndarray, top: int, row: int) -> float:
+        """The paper's weight ``1 - softmax(|m_test - m|)[nn]`` over the NN's bank neighbourhood, as anomalib."""
+        t, c, h, w = features.shape
+        query = self._queries(np.ascontiguousarray(features.reshape(t, c, h * w), np.float32), np.array([top]))
+        k = min(self.config.num_neighbors, self.bank.shape[0])
+        _, support = self.index.search(self.bank[row : row + 1], k)
+        support = support[0][support[0] >= 0]
+        dist = np.sqrt(((self.bank[support] - query) ** 2).sum(1))
+        weights = np.exp(dist - dist.max())
+        return float(1.0 - weights[0] / weights.sum())
+
+    # ---------------------------------------------------------------- growing
+    def add(self, features: np.ndarray) -> int:
+        """Add the patches of a good image that the bank does not cover yet; returns how many.
+
+        Patches farther than the coverage radius measured at fit time are added
+        greedily (farthest first) until every patch of the image is covered, so
+        the bank's guarantee is kept with as few new rows as possible. Each new
+        row is put at the front of its position's shortlist.
+        """
+        d2, _ = self.nearest(features)
+        t, c, h, w = features.shape
+        x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
+        dist = np.sqrt(d2)
+        if self.valid is not None:
+            dist[~self.valid.reshape(-1)] = 0.0
+        radius = self.coverage_radius
+        added: list[int] = []
+        while True:
+            q = int(np.argmax(dist))
+            if dist[q] <= radius:
+                break
+            vec = self._queries(x, np.array([q]))
+            row = self.bank.shape[0] + len(added)
+            added.append(q)
+            self.index.add(vec)
+            self.bank = np.concatenate([self.bank, vec])
+            self._promote(q, row, (t, h, w))
+            dist = np.minimum(dist, np.sqrt(((x.transpose(0, 2, 1).reshape(-1, c) - vec) ** 2).sum(1)))
+        return len(added)
+
+    def _promote(self, position: int, row: int, grid: tuple[int, int, int]) -> None:
+        """Put bank ``row`` first in the shortlists around ``position``."""
+        t_count, h, w = grid
+        t, rem = divmod(position, h * w)
+        y, x = divmod(rem, w)
+        r = self.config.shortlist_radius
+        for yy in range(max(0, y - r), min(h, y + r + 1)):
+            for xx in range(max(0, x - r), min(w, x + r + 1)):
+                q = (t * h + yy) * w + xx
+                self.shortlist[q, 1:] = self.shortlist[q, :-1].copy()
+                self.shortlist[q, 0] = row
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Bank, shortlists, valid mask and (for approximate indexes) the serialised FAISS index."""
+        arrays = {"bank": self.bank, "shortlist": self.shortlist}
+        if self.valid is not None:
+            arrays["valid"] = self.valid
+        if self.config.index != "flat":
+            arrays["faiss_index"] = faiss.serialize_index(self.index)
+        meta = {"bank": int(self.bank.shape[0]), "dim": int(self.bank.shape[1]),
+                "positions": int(self.shortlist.shape[0]), "coverage_radius": self.coverage_radius}
+        return arrays, meta
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Restore a fitted state, checking shapes and that the index holds the bank."""
+        bank, shortlist = arrays["bank"], arrays["shortlist"]
+        if bank.shape != (meta["bank"], meta["dim"]) or shortlist.shape[0] != meta["positions"]:
+            raise ScorerError("PatchCore state arrays do not match their recorded shapes")
+        self.bank = np.ascontiguousarray(bank, np.float32)
+        self.shortlist = np.ascontiguousarray(shortlist, np.int32)
+        self.valid = arrays.get("valid")
+        self.coverage_radius = float(meta["coverage_radius"])
+        if "faiss_index" in arrays:
+            self.index = faiss.deserialize_index(np.ascontiguousarray(arrays["faiss_index"]))
+            if self.config.index == "hnsw":
+                self.index.hnsw.efSearch = self.config.ef_search
+            elif self.config.index == "ivf":
+                faiss.extract_index_ivf(self.index).nprobe = self.config.nprobe
+        else:
+            self.index = build_index(self.bank, self.config)
+        if self.index.ntotal != self.bank.shape[0] or self.index.d != self.bank.shape[1]:
+            raise ScorerError("the stored FAISS index does not hold the stored bank")
+
+    def warm_up(self, shape: tuple[int, ...]) -> None:
+        """Score zeros once so kernels are loaded before the first frame."""
+        self.score(np.zeros(shape, np.float32))

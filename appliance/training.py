@@ -1,0 +1,255 @@
+"""Fitting a model: dataset -> features -> scorer -> calibration -> golden images -> bundle.
+
+Feature extraction is pipelined (a reader thread decodes and preprocesses while
+the backbone runs two asynchronous requests) and streamed into the scorer, so
+memory is bounded by the scorer's own needs. Unreadable training images are
+skipped and reported, never fatal unless nothing usable is left. The bundle is
+written, then loaded back through ``load_bundle`` (the one loading path), so a
+fit that returns has produced a bundle that verifies and passes its golden check.
+"""
+
+from __future__ import annotations
+
+import queue
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from appliance_models import DEFAULT_BACKBONE, backbone_dir
+
+from .backbone import Backbone
+from .bundle import Golden, load_bundle, write_bundle
+from .calibration import calibrate
+from .datasets import Dataset, Sample
+from .engine import Engine
+from .errors import ApplianceError, ConfigError, DatasetError
+from .imaging import read_image, read_mask
+from .preprocess import Preprocessor, PreprocessSpec, plan_tiles
+from .scorers import create
+from .types import Frame
+
+#: Called with (stage, done, total).
+StageProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Everything that decides what a fit produces (recorded in the bundle).
+
+    Attributes:
+        scorer: ``patchcore`` or ``padim``.
+        settings: the scorer's settings (see its config class).
+        height: working height in pixels (rounded to a multiple of 16).
+        width: working width; ``None`` keeps the aspect ratio.
+        tile: tile ``(H, W)`` for tiled inference, or ``None``.
+        overlap: minimum tile overlap in working pixels.
+        roi: ``(x, y, w, h)`` crop in source pixels.
+        white_level: 16-bit value that maps to white.
+        valid_mask: path of a source-size mask of the area to inspect (non-zero = inspect).
+        precision: backbone precision, ``f32`` or ``bf16``.
+        threads: CPU threads (``None``: all).
+        target_false_reject_rate: threshold target when there are no labelled defects.
+        golden: how many golden images to store.
+        backbone: shipped backbone name.
+        cache_dir: OpenVINO cache folder.
+    """
+
+    scorer: str = "patchcore"
+    settings: dict = field(default_factory=dict)
+    height: int = 256
+    width: int | None = None
+    tile: tuple[int, int] | None = None
+    overlap: int = 32
+    roi: tuple[int, int, int, int] | None = None
+    white_level: int | None = None
+    valid_mask: str | None = None
+    precision: str = "f32"
+    threads: int | None = None
+    target_false_reject_rate: float = 0.01
+    golden: int = 3
+    backbone: str = DEFAULT_BACKBONE
+    cache_dir: str | None = None
+
+
+@dataclass
+class FitReport:
+    """What a fit did: the bundle, its engine, what was skipped and how long each stage took."""
+
+    bundle: Path
+    engine: Engine
+    skipped: list[tuple[str, str]]
+    seconds: dict[str, float]
+    peak_rss_mb: float
+    calibration_scores: dict[str, list[float]]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _first_readable(samples: Sequence[Sample], skipped: list[tuple[str, str]]) -> np.ndarray:
+    for s in samples:
+        try:
+            return read_image(s.path)
+        except ApplianceError as exc:
+            skipped.append((str(s.path), str(exc)))
+    raise DatasetError("no readable training image: " + "; ".join(r for _, r in skipped[:3]))
+
+
+def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Backbone,
+                    skipped: list[tuple[str, str]], progress: StageProgress | None) -> Iterator[np.ndarray]:
+    """Backbone features of each readable sample, decoded ahead on a reader thread."""
+    results: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(4)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for s in samples:
+                if stop.is_set():
+                    return
+                try:
+                    batch = pre.tiles(read_image(s.path))
+                except ApplianceError as exc:
+                    skipped.append((str(s.path), str(exc)))
+                    continue
+                slots.acquire()
+                backbone.submit(batch, None, lambda feats, _: results.put(feats))
+            backbone.wait()
+            results.put(None)
+        except BaseException as exc:  # surfaced in the consumer
+            results.put(exc)
+
+    thread = threading.Thread(target=reader, name="fit-reader", daemon=True)
+    thread.start()
+    done = 0
+    try:
+        while (item := results.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            slots.release()
+            done += 1
+            if progress:
+                progress("features", done + len(skipped), len(samples))
+            yield item
+    finally:
+        stop.set()
+        for _ in range(4):
+            slots.release()
+
+
+def _load_valid_mask(path: str | None, source_size: tuple[int, int]) -> np.ndarray | None:
+    return None if path is None else read_mask(path, source_size)
+
+
+def score_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple[str, str]],
+                  progress: StageProgress | None = None, stage: str = "score") -> Iterator[tuple[Sample, object]]:
+    """``(sample, Score)`` for each readable sample, pipelined; unreadable ones go to ``skipped``."""
+    by_key: dict[int, Sample] = {}
+
+    def frames() -> Iterator[Frame]:
+        for i, s in enumerate(samples):
+            try:
+                image = read_image(s.path)
+            except ApplianceError as exc:
+                skipped.append((str(s.path), str(exc)))
+                continue
+            by_key[i] = s
+            yield Frame(image=image, seq=i, source=str(s.path))
+
+    def failed(frame: Frame, exc: ApplianceError) -> None:
+        skipped.append((frame.source or "?", str(exc)))
+
+    for n, (frame, score, _) in enumerate(engine.score_stream(frames(), on_error=failed), 1):
+        if progress:
+            progress(stage, n, len(samples))
+        yield by_key.pop(frame.seq), score
+
+
+def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageProgress | None = None,
+        key: bytes | None = None) -> FitReport:
+    """Fit a model on ``dataset.train``, calibrate it on ``dataset.calibration``, write a verified bundle."""
+    t_start = time.perf_counter()
+    if not dataset.train:
+        raise DatasetError(f"{dataset.root}: no training images")
+    skipped: list[tuple[str, str]] = []
+    first = _first_readable(dataset.train, skipped)
+    source_size = first.shape[:2]
+    spec = PreprocessSpec.for_source(source_size, options.height, options.width, options.tile, options.overlap,
+                                     options.roi, options.white_level)
+    pre = Preprocessor(spec)
+    valid_mask = _load_valid_mask(options.valid_mask, source_size)
+    plan = plan_tiles(spec)
+    try:
+        bb_dir = backbone_dir(options.backbone)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    xml = next(bb_dir.glob("*.xml"))
+    cache = Path(options.cache_dir) / "openvino" if options.cache_dir else None
+    backbone = Backbone(xml, (plan.count, *plan.tile), precision=options.precision, threads=options.threads,
+                        streams=2, cache_dir=cache)
+    scorer = create(options.scorer, options.settings)
+
+    stream = _feature_stream(dataset.train, pre, backbone, skipped, progress)
+    fit_stats = scorer.fit(stream, len(dataset.train), pre.valid_patches(valid_mask),
+                           progress=None)
+    t_fit = time.perf_counter()
+    n_train = len(dataset.train) - sum(1 for p, _ in skipped if any(str(s.path) == p for s in dataset.train))
+    if n_train < 1:
+        raise DatasetError(f"{dataset.root}: none of the {len(dataset.train)} training images could be used")
+
+    engine = Engine(spec, backbone, scorer, None, "unsaved")
+    good, defect, records = [], [], []
+    calib = [s for s in dataset.calibration if s.label in ("good", "defect")]
+    for sample, score in score_samples(engine, calib, skipped, progress, "calibrate"):
+        (good if sample.label == "good" else defect).append(score.image_score)
+        records.append((score.image_score, sample))
+    if len(good) < 2:
+        raise DatasetError(
+            f"{dataset.root}: calibration needs at least 2 readable held-out good images, got {len(good)}; "
+            "hold out more train images (calibration fraction) or add a validation folder")
+    calibration = calibrate(np.array(good), np.array(defect), options.target_false_reject_rate)
+    t_cal = time.perf_counter()
+
+    golden = _golden(records, options.golden)
+    training = {
+        "dataset": dataset.name, "root": str(dataset.root), "options": _options_record(options),
+        "images": {"train": n_train, "calibration_good": len(good), "calibration_defect": len(defect)},
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "fit": fit_stats, "calibration": calibration.describe(),
+        "seconds": {"features_and_fit": round(t_fit - t_start, 2), "calibration": round(t_cal - t_fit, 2)},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+    bundle = write_bundle(out, spec=spec, backbone_dir=bb_dir, precision=options.precision, scorer=scorer,
+                          calibration=calibration, golden=golden, training=training, valid_mask=valid_mask, key=key)
+    del engine, backbone
+    loaded = load_bundle(bundle, threads=options.threads, cache_dir=options.cache_dir, key=key)
+    seconds = {**training["seconds"], "total": round(time.perf_counter() - t_start, 2)}
+    return FitReport(bundle, loaded, skipped, seconds, _peak_rss_mb(), {"good": good, "defect": defect})
+
+
+def _golden(records: list[tuple[float, Sample]], count: int) -> list[Golden]:
+    """Lowest, median and highest scoring good calibration images, then the top defect: a spread of scores."""
+    goods = sorted((r for r in records if r[1].label == "good"), key=lambda r: r[0])
+    defects = sorted((r for r in records if r[1].label == "defect"), key=lambda r: r[0])
+    picks = []
+    if goods:
+        picks += [goods[0], goods[len(goods) // 2], goods[-1]]
+    if defects:
+        picks.append(defects[-1])
+    unique, seen = [], set()
+    for score, sample in picks:
+        if sample.path not in seen:
+            seen.add(sample.path)
+            unique.append(Golden(read_image(sample.path), float(score), sample.label))
+    return unique[:count] if count < len(unique) else unique
+
+
+def _options_record(options: FitOptions) -> dict:
+    record = asdict(options)
+    record.pop("cache_dir")
+    return record

@@ -1,0 +1,10 @@
+"""Tuning constants shared by the kernels: one place to change them."""
+
+#: fastmath lets LLVM reassociate the float sums in distance loops (vectorises them).
+FASTMATH = True
+#: Compile results are cached on disk (NUMBA_CACHE_DIR) so a restart does not recompile.
+CACHE = True
+#: Greedy k-center: number of plain iterations whose centres become the pruning clusters.
+CORESET_CLUSTERS = 512
+#: Rows per chunk when streaming a projection, so memory stays bounded.
+CHUNK_ROWS = 65536
