@@ -40,22 +40,24 @@ def unpack_upper(packed: np.ndarray, d: int) -> np.ndarray:
     return out
 
 
-@njit("void(float32[:, :, ::1], int64[::1], float64[:, ::1], float64[:, ::1])", parallel=True, fastmath=_F, cache=_C)
+@njit("void(float32[:, :, :, ::1], int64[::1], float64[:, ::1], float64[:, ::1])", parallel=True, fastmath=_F,
+      cache=_C)
 def _accumulate(x, channels, sums, outer):  # pragma: no cover - compiled
-    t_count, _, p_count = x.shape
+    b_count, t_count, _, p_count = x.shape
     d = channels.shape[0]
     for q in prange(t_count * p_count):
         t, p = q // p_count, q % p_count
         v = np.empty(d, np.float64)
-        for i in range(d):
-            v[i] = x[t, channels[i], p]
-            sums[q, i] += v[i]
-        k = 0
-        for i in range(d):
-            vi = v[i]
-            for j in range(i, d):
-                outer[q, k] += vi * v[j]
-                k += 1
+        for b in range(b_count):  # the position's accumulators stay in cache for the whole batch
+            for i in range(d):
+                v[i] = x[b, t, channels[i], p]
+                sums[q, i] += v[i]
+            k = 0
+            for i in range(d):
+                vi = v[i]
+                for j in range(i, d):
+                    outer[q, k] += vi * v[j]
+                    k += 1
 
 
 @njit(
@@ -93,15 +95,23 @@ def _check_features(x: np.ndarray, channels: np.ndarray, positions: int) -> None
 
 
 def accumulate_moments(x: np.ndarray, channels: np.ndarray, sums: np.ndarray, outer: np.ndarray) -> None:
-    """Add one image's features to running per-position sums and packed outer-product sums (float64).
+    """Add a batch of images' features to running per-position sums and packed outer-product sums (float64).
+
+    Batching matters: each position's accumulators (``d(d+1)/2`` doubles) are
+    read and written once per batch instead of once per image.
 
     Args:
-        x: ``[T, C, P]`` float32 features of one image.
+        x: ``[B, T, C, P]`` float32 features of ``B`` images.
         channels: int64 indices of the channels used (PaDiM's random subset).
         sums: ``[T*P, d]`` float64, updated in place.
         outer: ``[T*P, d(d+1)/2]`` float64, updated in place.
     """
-    _check_features(x, channels, sums.shape[0])
+    if x.ndim != 4:
+        raise ValueError(f"features must be a [B, T, C, P] batch, got shape {x.shape}")
+    for image in x[:1]:
+        _check_features(np.ascontiguousarray(image), channels, sums.shape[0])
+    if not x.flags.c_contiguous or x.dtype != np.float32:
+        raise ValueError("features must be C-contiguous float32")
     d = channels.size
     if sums.shape != (sums.shape[0], d) or outer.shape != (sums.shape[0], packed_size(d)):
         raise ValueError(f"accumulators must be [{sums.shape[0]}, {d}] and [{sums.shape[0]}, {packed_size(d)}]")

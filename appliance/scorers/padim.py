@@ -9,18 +9,23 @@ are stored packed; the per-frame distance is one parallel Numba kernel.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from appliance_kernels import mahalanobis as mk
+from threadpoolctl import threadpool_limits
 
 from ..errors import ConfigError, ScorerError
 from .base import Progress, Scorer, register
 
 #: Positions inverted per chunk (bounds the float64 temporaries).
 _INVERT_CHUNK = 256
+#: Images accumulated per kernel call (each position's accumulators stay in cache across a batch).
+_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,8 @@ class Padim(Scorer):
             progress: Progress | None = None) -> dict:
         """Accumulate per-position moments image by image, then invert the covariances."""
         t0 = time.perf_counter()
-        sums = outer = None
-        count = 0
+        sums = outer = batch = None
+        count = filled = 0
         for x in features:
             t, c, h, w = x.shape
             if sums is None:
@@ -78,13 +83,20 @@ class Padim(Scorer):
                 d = self.channels.size
                 sums = np.zeros((t * h * w, d), np.float64)
                 outer = np.zeros((t * h * w, mk.packed_size(d)), np.float64)
+                batch = np.empty((_BATCH, t, c, h * w), np.float32)
                 shape = x.shape
             elif x.shape != shape:
                 raise ScorerError(f"training features changed shape from {shape} to {x.shape}")
-            mk.accumulate_moments(np.ascontiguousarray(x.reshape(t, c, h * w), np.float32), self.channels, sums, outer)
+            batch[filled] = x.reshape(t, c, h * w)
+            filled += 1
+            if filled == _BATCH:
+                mk.accumulate_moments(batch, self.channels, sums, outer)
+                filled = 0
             count += 1
             if progress:
                 progress(count, n_images)
+        if filled:
+            mk.accumulate_moments(np.ascontiguousarray(batch[:filled]), self.channels, sums, outer)
         if count < 2:
             raise ScorerError(f"PaDiM needs at least 2 training images, got {count}")
         t1 = time.perf_counter()
@@ -93,13 +105,18 @@ class Padim(Scorer):
         self.mean = mean.astype(np.float32)
         self.inv_packed = np.empty((mean.shape[0], mk.packed_size(d)), np.float32)
         eye = np.eye(d) * self.config.ridge
-        for lo in range(0, mean.shape[0], _INVERT_CHUNK):
+
+        def invert(lo: int) -> None:
             hi = min(mean.shape[0], lo + _INVERT_CHUNK)
             cov = mk.unpack_upper(outer[lo:hi], d) / count
             cov -= mean[lo:hi, :, None] * mean[lo:hi, None, :]
             cov *= count / (count - 1)
             cov += eye
             self.inv_packed[lo:hi] = mk.pack_upper(np.linalg.inv(cov))
+
+        # Many small inversions: single-threaded BLAS per chunk, chunks in parallel (LAPACK releases the GIL).
+        with threadpool_limits(1), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(invert, range(0, mean.shape[0], _INVERT_CHUNK)))
         self.valid = None if valid is None else valid.astype(bool)
         return {"images": count, "positions": int(mean.shape[0]), "channels": int(d),
                 "moments_s": round(t1 - t0, 3), "invert_s": round(time.perf_counter() - t1, 3)}

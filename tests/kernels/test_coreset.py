@@ -1,0 +1,227 @@
+"""Greedy k-center coreset: the Numba kernels (plain and pruned) against the NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from appliance_kernels.coreset import greedy_coreset, greedy_coreset_reference, projection_matrix
+
+
+def gaussian_blobs(n: int, d: int, seed: int, centres: int = 7) -> np.ndarray:
+    """Clustered float32 data (like patch features: a few modes, spread within each)."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, d)) * 4
+    return (means[rng.integers(0, centres, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def brute_nearest(x: np.ndarray, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared distance (float64) from every row to every selected row, and the argmin position."""
+    x64 = x.astype(np.float64)
+    d2 = ((x64[:, None, :] - x64[selected][None, :, :]) ** 2).sum(-1)
+    return d2, d2.argmin(1)
+
+
+# --- equality with the reference ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "k", "clusters"),
+    [
+        (300, 4, 40, 8),  # pruning from the 9th pick on
+        (1000, 16, 100, 24),
+        (2500, 40, 150, 32),
+        (513, 3, 60, 1),  # a single pruning group at first
+        (257, 152, 30, 512),  # clusters > k: the plain loop does everything
+        (50, 8, 30, 8),  # N < number of chunks in the plain kernel (empty chunks)
+    ],
+)
+@pytest.mark.parametrize("pruned", [True, False])
+def test_matches_reference_without_projection(n: int, d: int, k: int, clusters: int, pruned: bool) -> None:
+    x = gaussian_blobs(n, d, seed=n + d)
+    got = greedy_coreset(x, k, projection_dim=None, seed=k, clusters=clusters if pruned else 0)
+    assert got.dtype == np.int64 and got.shape == (k,)
+    want = greedy_coreset_reference(x, k, int(got[0]))
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) == k  # distinct points: no row is picked twice
+
+
+def test_pruned_and_plain_loops_select_the_same_rows_with_projection() -> None:
+    x = gaussian_blobs(3000, 152, seed=3)
+    plain = greedy_coreset(x, 120, projection_dim=24, seed=11, clusters=0)
+    pruned = greedy_coreset(x, 120, projection_dim=24, seed=11, clusters=20)
+    np.testing.assert_array_equal(pruned, plain)
+    # ... and it is the reference's greedy run on the projected rows.
+    projected = x @ projection_matrix(152, 24, 11)
+    np.testing.assert_array_equal(plain, greedy_coreset_reference(projected, 120, int(plain[0])))
+
+
+def test_first_pick_depends_on_seed_only() -> None:
+    x = gaussian_blobs(500, 8, seed=0)
+    firsts = {int(greedy_coreset(x, 3, projection_dim=None, seed=s)[0]) for s in range(8)}
+    assert len(firsts) > 1  # the seed picks the first centre
+    a = greedy_coreset(x, 30, projection_dim=None, seed=5)
+    b = greedy_coreset(x, 30, projection_dim=None, seed=5)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("clusters", [0, 4])
+def test_duplicated_rows_match_reference_while_distinct_rows_remain(clusters: int) -> None:
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((50, 6)).astype(np.float32)
+    x = base[rng.integers(0, 50, 400)]  # every row appears ~8 times
+    distinct = len(np.unique(x, axis=0))
+    got = greedy_coreset(x, distinct, projection_dim=None, seed=2, clusters=clusters)
+    np.testing.assert_array_equal(got, greedy_coreset_reference(x, distinct, int(got[0])))
+    # Greedy k-center with k = number of distinct rows picks one copy of each.
+    assert len(np.unique(x[got], axis=0)) == distinct
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG kernels/coreset.py greedy_coreset pruned loop (g = argmax(group_max2)): on exactly tied distances it "
+    "takes the lowest *group label* instead of the lowest row index, so it does not select what the plain loop "
+    "(and the reference) selects, contrary to the module docstring",
+)
+def test_pruned_loop_breaks_ties_like_the_plain_loop() -> None:
+    grid = np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2).astype(np.float32)
+    plain = greedy_coreset(grid, 40, projection_dim=None, seed=0, clusters=0)
+    np.testing.assert_array_equal(plain, greedy_coreset_reference(grid, 40, int(plain[0])))  # holds
+    pruned = greedy_coreset(grid, 40, projection_dim=None, seed=0, clusters=4)
+    np.testing.assert_array_equal(pruned, plain)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG kernels/coreset.py: with k > number of distinct rows the pruned loop repeats a different row "
+    "(first row of group 0) than the plain loop/reference (row 0); same tie-breaking cause as above",
+)
+def test_pruned_loop_matches_reference_past_the_distinct_rows() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((50, 6)).astype(np.float32)
+    x = base[rng.integers(0, 50, 400)]
+    got = greedy_coreset(x, 60, projection_dim=None, seed=0, clusters=5)
+    np.testing.assert_array_equal(got, greedy_coreset_reference(x, 60, int(got[0])))
+
+
+# --- edge sizes and dtypes ----------------------------------------------------------------------------------------
+
+
+def test_k_equal_one_returns_the_seeded_first_row() -> None:
+    x = gaussian_blobs(100, 5, seed=4)
+    got, assign = greedy_coreset(x, 1, projection_dim=None, seed=9, return_assignment=True)
+    assert got.shape == (1,) and 0 <= got[0] < 100
+    assert got[0] == greedy_coreset(x, 1, projection_dim=None, seed=9)[0]  # the seed decides the first centre
+    np.testing.assert_array_equal(assign, np.zeros(100, np.int32))
+
+
+@pytest.mark.parametrize("clusters", [0, 6])
+def test_k_equal_n_is_a_permutation_in_reference_order(clusters: int) -> None:
+    x = gaussian_blobs(70, 5, seed=5)
+    got, assign = greedy_coreset(x, 70, projection_dim=None, clusters=clusters, return_assignment=True)
+    np.testing.assert_array_equal(np.sort(got), np.arange(70))
+    np.testing.assert_array_equal(got, greedy_coreset_reference(x, 70, int(got[0])))
+    # Every row is selected, so each row's nearest selected row is itself.
+    np.testing.assert_array_equal(got[assign], np.arange(70))
+
+
+@pytest.mark.parametrize("clusters", [0, 16])
+def test_float16_input_equals_reference_on_the_float32_values(clusters: int) -> None:
+    x16 = gaussian_blobs(800, 24, seed=6).astype(np.float16)
+    got = greedy_coreset(x16, 60, projection_dim=None, seed=1, clusters=clusters)
+    x32 = x16.astype(np.float32)
+    np.testing.assert_array_equal(got, greedy_coreset_reference(x32, 60, int(got[0])))
+    np.testing.assert_array_equal(got, greedy_coreset(x32, 60, projection_dim=None, seed=1, clusters=clusters))
+
+
+def test_projection_dim_at_least_d_uses_the_features_as_they_are() -> None:
+    x = gaussian_blobs(400, 10, seed=7)
+    plain = greedy_coreset(x, 30, projection_dim=None, seed=2)
+    np.testing.assert_array_equal(greedy_coreset(x, 30, projection_dim=10, seed=2), plain)
+    np.testing.assert_array_equal(greedy_coreset(x, 30, projection_dim=64, seed=2), plain)
+
+
+def test_chunked_projection_matches_one_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance_kernels import config
+
+    x = gaussian_blobs(1000, 32, seed=8)
+    whole = greedy_coreset(x, 40, projection_dim=8, seed=3, clusters=10)
+    monkeypatch.setattr(config, "CHUNK_ROWS", 97)  # many chunks, last one partial
+    np.testing.assert_array_equal(greedy_coreset(x, 40, projection_dim=8, seed=3, clusters=10), whole)
+
+
+# --- assignment ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clusters", [0, 12])
+def test_assignment_is_nearest_selected_row_in_feature_space(clusters: int) -> None:
+    x = gaussian_blobs(1500, 12, seed=9)
+    got, assign = greedy_coreset(x, 60, projection_dim=None, seed=4, clusters=clusters, return_assignment=True)
+    assert assign.dtype == np.int32 and assign.shape == (1500,)
+    assert assign.min() >= 0 and assign.max() < 60
+    d2, best = brute_nearest(x, got)
+    rows = np.arange(len(x))
+    np.testing.assert_allclose(d2[rows, assign], d2.min(1), rtol=1e-5, atol=1e-5)
+    # Where the nearest selected row is clearly nearest, the position must be exactly it.
+    second = np.partition(d2, 1, axis=1)[:, 1]
+    clear = second > d2.min(1) * (1 + 1e-3) + 1e-6
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(assign[clear], best[clear])
+    np.testing.assert_array_equal(assign[got], np.arange(60))  # a selected row is its own nearest
+
+
+@pytest.mark.parametrize("clusters", [0, 12])
+def test_assignment_is_nearest_selected_row_in_projected_space(clusters: int) -> None:
+    x = gaussian_blobs(2000, 96, seed=10)
+    got, assign = greedy_coreset(x, 60, projection_dim=16, seed=6, clusters=clusters, return_assignment=True)
+    projected = x @ projection_matrix(96, 16, 6)  # the documented space of the assignment
+    d2, best = brute_nearest(projected, got)
+    rows = np.arange(len(x))
+    np.testing.assert_allclose(d2[rows, assign], d2.min(1), rtol=1e-4, atol=1e-4)
+    second = np.partition(d2, 1, axis=1)[:, 1]
+    clear = second > d2.min(1) * (1 + 1e-3) + 1e-6
+    np.testing.assert_array_equal(assign[clear], best[clear])
+
+
+def test_plain_selection_is_a_two_approximation_of_k_center() -> None:
+    """Greedy k-center covers every row within twice the best radius among its own first k+1 picks."""
+    x = gaussian_blobs(1200, 10, seed=12)
+    got = greedy_coreset(x, 41, projection_dim=None, seed=0, clusters=8)
+    d2, _ = brute_nearest(x, got[:40])
+    radius = np.sqrt(d2.min(1).max())
+    # The 41st pick is the farthest row from the first 40: its distance is the covering radius.
+    assert np.isclose(np.sqrt(d2[got[40]].min()), radius, rtol=1e-5)
+    # 41 picks pairwise at least `radius` apart, so no 40 centres can cover them with radius < radius/2.
+    pair = np.sqrt(brute_nearest(x[got], np.arange(41))[0])
+    assert pair[~np.eye(41, dtype=bool)].min() >= radius * (1 - 1e-5)
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("features", "k", "message"),
+    [
+        (np.zeros((0, 4), np.float32), 1, "non-empty"),
+        (np.zeros(10, np.float32), 1, r"\[N, D\]"),
+        (np.zeros((2, 3, 4), np.float32), 1, r"\[N, D\]"),
+        (np.zeros((10, 4), np.float64), 1, "float32 or float16"),
+        (np.zeros((10, 4), np.int32), 1, "float32 or float16"),
+        (np.ones((10, 4), np.float32), 0, r"k must be in \[1, 10\], got 0"),
+        (np.ones((10, 4), np.float32), 11, r"k must be in \[1, 10\], got 11"),
+        (np.ones((10, 4), np.float32), -3, r"k must be in \[1, 10\]"),
+    ],
+)
+def test_invalid_input_raises_value_error(features: np.ndarray, k: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        greedy_coreset(features, k)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG kernels/coreset.py greedy_coreset: projection_dim=0 is not validated; projection_matrix divides by "
+    "sqrt(0) and every distance is 0, so it silently returns the first row followed by row 0 repeated",
+)
+def test_zero_projection_dim_is_refused() -> None:
+    x = gaussian_blobs(100, 8, seed=0)
+    with np.errstate(divide="ignore", invalid="ignore"), pytest.raises(ValueError, match="projection"):
+        greedy_coreset(x, 5, projection_dim=0)

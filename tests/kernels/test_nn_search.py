@@ -1,0 +1,118 @@
+"""Shortlist nearest-neighbour search against the NumPy reference and a brute-force search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from appliance_kernels.nn_search import shortlist_nn, shortlist_nn_reference
+
+
+def problem(t: int, c: int, p: int, b: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries ``[T, C, P]``, a bank ``[B, C]`` and distinct random shortlists ``[T*P, L]``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, c, p)).astype(np.float32)
+    bank = rng.standard_normal((b, c)).astype(np.float32)
+    shortlist = np.stack([rng.choice(b, length, replace=False) for _ in range(t * p)]).astype(np.int32)
+    return x, bank, shortlist
+
+
+def queries(x: np.ndarray) -> np.ndarray:
+    """``[T*P, C]`` float64 query vectors in the kernel's position order."""
+    return x.transpose(0, 2, 1).reshape(-1, x.shape[1]).astype(np.float64)
+
+
+@pytest.mark.parametrize(("t", "c", "p", "b", "length"), [(1, 8, 50, 40, 5), (3, 152, 64, 500, 32), (2, 16, 9, 7, 7)])
+def test_matches_reference(t: int, c: int, p: int, b: int, length: int) -> None:
+    x, bank, shortlist = problem(t, c, p, b, length, seed=b)
+    d2, nearest = shortlist_nn(x, bank, shortlist)
+    ref_d2, ref_nearest = shortlist_nn_reference(x, bank, shortlist)
+    assert d2.dtype == np.float32 and nearest.dtype == np.int32 and d2.shape == nearest.shape == (t * p,)
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(nearest, ref_nearest)
+    # The nearest row is one of the position's candidates, and d2 is the distance to it.
+    assert all(nearest[q] in shortlist[q] for q in range(t * p))
+    np.testing.assert_allclose(d2, ((queries(x) - bank[nearest]) ** 2).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_full_shortlist_is_exact_nearest_neighbour_search() -> None:
+    x, bank, _ = problem(2, 24, 40, 60, 1, seed=1)
+    everything = np.tile(np.arange(60, dtype=np.int32), (80, 1))
+    d2, nearest = shortlist_nn(x, bank, everything)
+    brute = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(nearest, brute.argmin(1))
+    np.testing.assert_allclose(d2, brute.min(1), rtol=1e-5)
+
+
+def test_shortlist_distance_is_an_upper_bound_of_the_exact_distance() -> None:
+    x, bank, shortlist = problem(1, 32, 100, 300, 10, seed=2)
+    d2, _ = shortlist_nn(x, bank, shortlist)
+    exact = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1).min(1)
+    assert (d2 >= exact * (1 - 1e-5)).all()
+    assert (d2 > exact * 1.01).any()  # a 10-row shortlist out of 300 is not the exact search
+
+
+def test_minus_one_padding_ends_each_shortlist() -> None:
+    x, bank, full = problem(2, 12, 20, 30, 8, seed=3)
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(1, 9, 40)
+    padded = full.copy()
+    for q, n in enumerate(lengths):
+        padded[q, n:] = -1
+    d2, nearest = shortlist_nn(x, bank, padded)
+    ref_d2, ref_nearest = shortlist_nn_reference(x, bank, padded)
+    np.testing.assert_array_equal(nearest, ref_nearest)
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-5, atol=1e-6)
+    # Same answer as searching only the unpadded prefix of each row.
+    for q, n in enumerate(lengths):
+        prefix = full[q, :n]
+        dist = ((bank[prefix].astype(np.float64) - queries(x)[q]) ** 2).sum(1)
+        assert nearest[q] == prefix[np.argmin(dist)]
+
+
+def test_ties_go_to_the_earlier_candidate() -> None:
+    x = np.zeros((1, 2, 1), np.float32)
+    bank = np.array([[1, 0], [0, 1], [3, 3]], np.float32)  # rows 0 and 1 are equally near
+    for order, first in (([0, 1, 2], 0), ([1, 0, 2], 1), ([2, 1, 0], 1)):
+        d2, nearest = shortlist_nn(x, bank, np.array([order], np.int32))
+        assert nearest[0] == first and d2[0] == 1.0
+
+
+def test_non_contiguous_shortlist_is_accepted() -> None:
+    x, bank, shortlist = problem(1, 8, 10, 20, 6, seed=5)
+    strided = np.asfortranarray(shortlist)
+    assert not strided.flags.c_contiguous
+    np.testing.assert_array_equal(shortlist_nn(x, bank, strided)[1], shortlist_nn(x, bank, shortlist)[1])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x, b, s: (x.astype(np.float64), b, s), "queries must be C-contiguous float32"),
+        (lambda x, b, s: (x[:, :, ::2], b, s), "queries must be C-contiguous float32"),
+        (lambda x, b, s: (x[0], b, s), "queries must be C-contiguous float32"),
+        (lambda x, b, s: (x, b.astype(np.float16), s), "bank must be C-contiguous float32"),
+        (lambda x, b, s: (x, np.asfortranarray(b), s), "bank must be C-contiguous float32"),
+        (lambda x, b, s: (x, b[:, :7], s), r"bank must be C-contiguous float32 \[B, 8\]"),
+        (lambda x, b, s: (x, b, s.astype(np.int64)), "shortlist must be int32"),
+        (lambda x, b, s: (x, b, s[:-1]), r"shortlist must be int32 \[20, L\]"),
+        (lambda x, b, s: (x, b, s[:, 0].copy()), "shortlist must be int32"),
+        (lambda x, b, s: (x, b, np.where(s == s.max(), 30, s).astype(np.int32)), "must index the bank"),
+        (lambda x, b, s: (x, b, np.c_[np.full((20, 1), -1, np.int32), s]), "at least one candidate"),
+    ],
+)
+def test_validation(change, message: str) -> None:
+    x, bank, shortlist = problem(2, 8, 10, 30, 4, seed=6)
+    with pytest.raises(ValueError, match=message):
+        shortlist_nn(*change(x, bank, shortlist))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="BUG kernels/nn_search.py shortlist_nn(): the 'at least one candidate each' check is skipped when the "
+    "shortlist has zero columns (`if shortlist.size and ...`), so [T*P, 0] returns dist2=inf, nearest=-1",
+)
+def test_empty_shortlist_width_is_refused() -> None:
+    x, bank, _ = problem(1, 8, 10, 30, 4, seed=7)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        shortlist_nn(x, bank, np.zeros((10, 0), np.int32))
