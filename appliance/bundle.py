@@ -32,7 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from . import __version__
+from . import __version__, runtime
 from .backbone import Backbone
 from .calibration import Calibration
 from .engine import Engine
@@ -84,6 +84,7 @@ def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, p
 
     Returns:
         The bundle directory.
+
     """
     out = Path(out)
     if out.exists() and not (out / MANIFEST).is_file():
@@ -233,9 +234,11 @@ def load_bundle(path: str | Path, *, threads: int | None = None, streams: int = 
         cache_dir: OpenVINO model cache and archive extraction folder.
         key: HMAC key; when given, the bundle must carry a valid signature.
         check_golden: score the golden images and compare (on by default).
+
     """
     path = Path(path)
     cache = Path(cache_dir) if cache_dir else None
+    runtime.configure(threads)
     if path.is_file() and path.name.endswith(_ARCHIVE_SUFFIXES):
         path = _unpack(path, cache)
     manifest = verify_files(path, key)

@@ -30,6 +30,7 @@ class Calibration:
         method: ``best_f1`` or ``false_reject_rate``.
         target_false_reject_rate: the target when ``method`` is ``false_reject_rate``.
         stats: what the calibration set said at the threshold (counts, rates, F1).
+
     """
 
     threshold: float
@@ -77,6 +78,7 @@ def calibrate(good: np.ndarray, defect: np.ndarray | None = None, target_false_r
         good: raw scores of held-out good images (at least 2).
         defect: raw scores of labelled defect images, if any.
         target_false_reject_rate: used when there are no defects.
+
     """
     good = np.asarray(good, np.float64)
     defect = np.asarray([] if defect is None else defect, np.float64)

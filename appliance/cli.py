@@ -89,7 +89,8 @@ class _Progress:
 
 @app.command()
 def fit(
-    data: Annotated[Path, typer.Argument(help="MVTec category folder (train/good, test/...) or a folder of good images")],
+    data: Annotated[Path, typer.Argument(help="MVTec category folder (train/good, test/...) or a folder of good images"
+                                         )],
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")],
     scorer: Annotated[str, typer.Option(help="patchcore or padim")] = "patchcore",
     size: Annotated[str, typer.Option(help="working size: HEIGHT (aspect ratio kept) or HEIGHTxWIDTH")] = "256",

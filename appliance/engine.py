@@ -71,6 +71,7 @@ class Engine:
             frame: a ``Frame`` or bare pixels.
             threshold: normalised threshold in force (default: the bundle's, 0.5).
             source: where ``threshold`` comes from, recorded in the decision.
+
         """
         frame = frame if isinstance(frame, Frame) else Frame(image=frame)
         t0 = time.perf_counter()
@@ -101,6 +102,7 @@ class Engine:
 
         Yields:
             ``(frame, score, seconds per stage)``.
+
         """
         done: dict[int, np.ndarray] = {}
         cond = threading.Condition()

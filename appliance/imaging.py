@@ -82,6 +82,7 @@ def to_rgb8(image: np.ndarray, white_level: int | None = None) -> np.ndarray:
         image: ``HxW`` or ``HxWx3`` uint8/uint16 pixels.
         white_level: for 16-bit input, the value that maps to 255 (e.g. 4095 for a
             12-bit camera); ``None`` means 65535. Ignored for 8-bit input.
+
     """
     if image.dtype == np.uint16:
         level = 65535 if white_level is None else int(white_level)

@@ -34,7 +34,7 @@ ASPECT_TOLERANCE = 0.02
 
 def round_to(value: float, multiple: int = MULTIPLE) -> int:
     """Nearest positive multiple of ``multiple``."""
-    return max(multiple, int(round(value / multiple)) * multiple)
+    return max(multiple, round(value / multiple) * multiple)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class PreprocessSpec:
         overlap: minimum overlap between neighbouring tiles, working pixels.
         roi: ``(x, y, w, h)`` crop in source pixels, or ``None`` for the whole frame.
         white_level: 16-bit value mapped to 255 (``None``: 65535).
+
     """
 
     source_size: tuple[int, int]
@@ -122,7 +123,7 @@ def _origins(total: int, tile: int, overlap: int) -> list[int]:
     n = math.ceil((total - overlap) / (tile - overlap))
     n = max(n, 2)
     last = total - tile
-    origins = sorted({min(last, int(round(i * last / (n - 1) / STRIDE)) * STRIDE) for i in range(n)})
+    origins = sorted({min(last, round(i * last / (n - 1) / STRIDE) * STRIDE) for i in range(n)})
     origins[-1] = last
     return origins
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from appliance_models import DEFAULT_BACKBONE, backbone_dir
 
+from . import runtime
 from .backbone import Backbone
 from .bundle import Golden, load_bundle, write_bundle
 from .calibration import calibrate
@@ -56,6 +57,7 @@ class FitOptions:
         golden: how many golden images to store.
         backbone: shipped backbone name.
         cache_dir: OpenVINO cache folder.
+
     """
 
     scorer: str = "patchcore"
@@ -174,6 +176,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
         key: bytes | None = None) -> FitReport:
     """Fit a model on ``dataset.train``, calibrate it on ``dataset.calibration``, write a verified bundle."""
     t_start = time.perf_counter()
+    runtime.configure(options.threads)
     if not dataset.train:
         raise DatasetError(f"{dataset.root}: no training images")
     skipped: list[tuple[str, str]] = []

@@ -22,6 +22,7 @@ class Frame:
         seq: the source's frame counter.
         timestamp: capture time, seconds since the epoch.
         source: file path or URI the pixels came from, if any.
+
     """
 
     image: np.ndarray
@@ -46,6 +47,7 @@ class Score:
         image_score: raw image-level score (larger is more anomalous).
         patch_map: raw per-patch scores stitched over the working image, ``[H/8, W/8]``;
             the full-resolution anomaly map is derived from it only when needed.
+
     """
 
     image_score: float
@@ -61,6 +63,7 @@ class Decision:
         threshold: threshold in force on the normalised scale.
         anomalous: ``score >= threshold``.
         threshold_source: where ``threshold`` came from (``bundle``, ``camera``, ``shift``, ``operator``).
+
     """
 
     score: float
@@ -84,6 +87,7 @@ class Prediction:
         decision: normalised score and verdict.
         model_id: the bundle that produced it.
         timings_ms: wall time per stage (``preprocess``, ``backbone``, ``scorer``, ``total``).
+
     """
 
     frame: Frame

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, one_line  # noqa: E402
+from machine import describe, one_line
 
-from appliance.bundle import load_bundle  # noqa: E402
-from appliance.datasets import list_images  # noqa: E402
-from appliance.imaging import read_image  # noqa: E402
+from appliance.bundle import load_bundle
+from appliance.datasets import list_images
+from appliance.imaging import read_image
 
 
 def percentiles(values: list[float]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -29,10 +30,8 @@ def describe() -> dict:
         mem_gb = round(int(m.group(1)) / 2**20, 1) if m else None
     versions = {}
     for pkg in ("openvino", "faiss-cpu", "numba", "numpy", "opencv-python-headless", "anomaly-appliance"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "memory_gb": mem_gb,
             "python": platform.python_version(), "versions": versions}
 

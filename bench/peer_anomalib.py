@@ -324,11 +324,15 @@ def make_single_thread_gaussian_fit(threads: int) -> Any:
     return SingleThreadGaussianFit()
 
 
-def training_folder(data: Path, workdir: Path, max_train: int | None) -> tuple[Path, int]:
-    """``train/good``, or a symlink view of its first ``max_train`` sorted files."""
+def training_folder(data: Path, workdir: Path, max_train: int | None,
+                    train_list: Path | None = None) -> tuple[Path, int]:
+    """``train/good``, or a symlink view of its first ``max_train`` sorted files or of the files in ``train_list``."""
     source = data / "train" / "good"
     files = list_images(source)
-    if max_train is None or max_train >= len(files):
+    if train_list is not None:
+        files = [Path(line.strip()) for line in train_list.read_text().splitlines() if line.strip()]
+        max_train = len(files)
+    elif max_train is None or max_train >= len(files):
         return source, len(files)
     view = workdir / "train_view" / "good"
     view.mkdir(parents=True, exist_ok=True)
@@ -515,7 +519,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     seed_everything(args.seed, workers=True)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    train_dir, n_train = training_folder(args.data.resolve(), workdir, args.max_train)
+    train_dir, n_train = training_folder(args.data.resolve(), workdir, args.max_train, args.train_list)
 
     model, weights_report = build_model(args)
     engine, timer, engine_fit_seconds, contention = run_engine_fit(args, model, train_dir, workdir)
@@ -823,6 +827,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fit.add_argument("--n-features", type=int, default=None, help="PaDiM channel subset (default: all 152)")
     fit.add_argument("--workdir", type=Path, required=True)
     fit.add_argument("--max-train", type=int, default=None, help="first N sorted train/good files")
+    fit.add_argument("--train-list", type=Path, default=None,
+                     help="text file with one training image path per line (instead of train/good)")
     fit.add_argument("--batch-size", type=int, default=32, help="training batch (anomalib Folder default 32)")
     fit.add_argument("--threads", type=int, default=2)
     fit.add_argument("--seed", type=int, default=0)

@@ -57,7 +57,8 @@ def _update_all(x, centre, min_d2, assign, label, chunk_arg, chunk_max):  # prag
     " float32[::1], float32[::1], int64[::1])",
     parallel=True, fastmath=_F, cache=_C,
 )
-def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, group_max2, group_arg):  # pragma: no cover
+def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, group_max2,
+                   group_arg):  # pragma: no cover - compiled
     """One pruned iteration: rows are sorted by group; unreachable groups are skipped."""
     d = x.shape[1]
     for g in prange(centres.shape[0]):
@@ -122,6 +123,7 @@ def greedy_coreset(
 
     Returns:
         int64 indices into ``features``, in selection order (and the int32 assignment).
+
     """
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty [N, D] array, got shape {features.shape}")

@@ -105,6 +105,7 @@ def accumulate_moments(x: np.ndarray, channels: np.ndarray, sums: np.ndarray, ou
         channels: int64 indices of the channels used (PaDiM's random subset).
         sums: ``[T*P, d]`` float64, updated in place.
         outer: ``[T*P, d(d+1)/2]`` float64, updated in place.
+
     """
     if x.ndim != 4:
         raise ValueError(f"features must be a [B, T, C, P] batch, got shape {x.shape}")
@@ -133,6 +134,7 @@ def mahalanobis(x: np.ndarray, channels: np.ndarray, mean: np.ndarray, inv_packe
 
     Returns:
         ``[T, P]`` float32 distances.
+
     """
     _check_features(x, channels, mean.shape[0])
     d = channels.size

@@ -56,6 +56,7 @@ def shortlist_nn(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarray) -> tupl
 
     Returns:
         ``(dist2 [T*P] float32, nearest [T*P] int32)``.
+
     """
     if x.dtype != np.float32 or x.ndim != 3 or not x.flags.c_contiguous:
         raise ValueError(f"queries must be C-contiguous float32 [T, C, P], got {x.dtype} {x.shape}")

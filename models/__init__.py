@@ -27,6 +27,7 @@ def backbone_dir(name: str = DEFAULT_BACKBONE) -> Path:
     Raises:
         FileNotFoundError: no such backbone, or a file is missing.
         ValueError: a file does not match its recorded sha256.
+
     """
     folder = _HERE / name
     info_path = folder / "backbone.json"

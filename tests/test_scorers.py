@@ -24,7 +24,7 @@ class Case:
     train: list[np.ndarray]
     good: list[np.ndarray]
     defects: list[tuple[str, np.ndarray, np.ndarray]]  # (name, features, pixel mask)
-    odd_good: np.ndarray  # a good-looking image unlike the training set (brighter)
+    odd_good: np.ndarray  # a good-looking image unlike the training set (bright, low contrast)
     extra: list[np.ndarray]  # more images for the exact-search comparison
 
 
@@ -101,7 +101,7 @@ def test_pasted_defects_score_above_good_images_and_peak_inside(request: pytest.
         assert hits_mask((y, x), mask, margin=8), f"{kind}: {name} peaks at patch {(y, x)}, outside the defect"
 
 
-def test_training_images_score_below_new_good_images(patchcore: PatchCore, case: Case) -> None:
+def test_training_images_are_covered_by_the_bank(patchcore: PatchCore, case: Case) -> None:
     """Training patches are covered by the bank within the coverage radius."""
     for f in case.train:
         assert patchcore.score(f)[1] <= patchcore.coverage_radius * (1 + 1e-5)

@@ -45,6 +45,7 @@ class Scorer(ABC):
 
         Returns:
             Fit statistics for the manifest (timings, sizes).
+
         """
 
     @abstractmethod

@@ -36,6 +36,7 @@ class PadimConfig:
         n_features: size of the random channel subset (``None``: all channels).
         ridge: added to every covariance diagonal before inversion (PaDiM uses 0.01).
         seed: seeds the channel subset.
+
     """
 
     n_features: int | None = None

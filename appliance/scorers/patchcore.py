@@ -59,6 +59,7 @@ class PatchCoreConfig:
         shortlist: bank rows per position.
         shortlist_radius: neighbourhood (in patches) pooled into a position's shortlist.
         seed: seeds the projection and the coreset's first pick.
+
     """
 
     coreset_ratio: float = 0.01
@@ -119,6 +120,7 @@ def build_shortlists(assign: np.ndarray, grid: tuple[int, int, int], length: int
 
     Returns:
         ``[T*h*w, L]`` int32, padded with -1.
+
     """
     t_count, h, w = grid
     a = assign.reshape(assign.shape[0], t_count, h, w)
@@ -182,7 +184,7 @@ class PatchCore(Scorer):
             raise ScorerError("no training images")
         buf = buf[: count * per_image]
         t1 = time.perf_counter()
-        k = max(1, int(round(self.config.coreset_ratio * len(buf))))
+        k = max(1, round(self.config.coreset_ratio * len(buf)))
         k = min(k, self.config.max_bank or k, len(buf))
         selected, assign = greedy_coreset(buf, k, projection_dim=self.config.projection_dim,
                                           seed=self.config.seed, return_assignment=True)
@@ -203,7 +205,7 @@ class PatchCore(Scorer):
 
     # ---------------------------------------------------------------- scoring
     def _queries(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        t, c, p = x.shape
+        _t, _c, p = x.shape
         return np.ascontiguousarray(x[rows // p, :, rows % p])
 
     def nearest(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +295,7 @@ class PatchCore(Scorer):
 
     def _promote(self, position: int, row: int, grid: tuple[int, int, int]) -> None:
         """Put bank ``row`` first in the shortlists around ``position``."""
-        t_count, h, w = grid
+        _t_count, h, w = grid
         t, rem = divmod(position, h * w)
         y, x = divmod(rem, w)
         r = self.config.shortlist_radius

@@ -65,9 +65,9 @@ def test_accumulate_moments_matches_numpy_sums_and_outer_products(t: int, c: int
     channels = np.sort(rng.choice(c, d, replace=False)).astype(np.int64)
     sums = np.zeros((t * p, d))
     outer = np.zeros((t * p, packed_size(d)))
-    images = [features(t, c, p, seed=i) for i in range(4)]
-    for x in images:
-        accumulate_moments(x, channels, sums, outer)
+    images = [features(t, c, p, seed=i) for i in range(5)]
+    accumulate_moments(np.stack(images[:3]), channels, sums, outer)  # a batch of 3 ...
+    accumulate_moments(np.stack(images[3:]), channels, sums, outer)  # ... then a batch of 2 on top
     vectors = np.stack([per_position(x, channels) for x in images])  # [N, T*P, d]
     np.testing.assert_allclose(sums, vectors.sum(0), rtol=1e-12, atol=1e-9)
     want_outer = np.einsum("nqi,nqj->qij", vectors, vectors)
@@ -79,7 +79,7 @@ def test_accumulate_moments_adds_to_existing_values_and_handles_unsorted_repeate
     channels = np.array([7, 2, 2, 9], np.int64)  # gathered in the given order, repeats allowed
     sums = np.full((14, 4), 5.0)
     outer = np.full((14, packed_size(4)), -1.0)
-    accumulate_moments(x, channels, sums, outer)
+    accumulate_moments(x[None], channels, sums, outer)
     v = per_position(x, channels)
     np.testing.assert_allclose(sums, 5.0 + v, rtol=1e-12)
     np.testing.assert_allclose(outer, -1.0 + pack_upper(v[:, :, None] * v[:, None, :]), rtol=1e-12, atol=1e-12)
@@ -132,8 +132,8 @@ def test_moments_then_inverse_reproduces_numpy_padim_distances() -> None:
     train = [features(t, c, p, seed=10 + i) for i in range(30)]
     sums = np.zeros((t * p, d))
     outer = np.zeros((t * p, packed_size(d)))
-    for x in train:
-        accumulate_moments(x, channels, sums, outer)
+    for lo in range(0, len(train), 16):  # batches of 16, the last one partial
+        accumulate_moments(np.stack(train[lo : lo + 16]), channels, sums, outer)
     n = len(train)
     mean = sums / n
     cov = (unpack_upper(outer, d) / n - mean[:, :, None] * mean[:, None, :]) * n / (n - 1) + 0.01 * np.eye(d)
@@ -194,7 +194,33 @@ def test_mahalanobis_validation(change, message: str) -> None:
 def test_accumulate_moments_validation(sums_shape: tuple, outer_shape: tuple, dtype: type, message: str) -> None:
     x, channels, _, _ = _setup()
     with pytest.raises(ValueError, match=message):
-        accumulate_moments(x, channels, np.zeros(sums_shape, dtype), np.zeros(outer_shape, dtype))
+        accumulate_moments(x[None], channels, np.zeros(sums_shape, dtype), np.zeros(outer_shape, dtype))
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (lambda x: x, r"features must be a \[B, T, C, P\] batch, got shape \(2, 6, 5\)"),
+        (lambda x: x[None, None], r"must be a \[B, T, C, P\] batch"),
+        (lambda x: np.stack([x, x]).astype(np.float64), "float32"),
+        (lambda x: np.stack([x, x])[:, :, :, ::-1], "C-contiguous"),
+        (lambda x: np.stack([x, x, x])[::2], "C-contiguous"),
+        (lambda x: np.stack([x, x])[:, :1], "positions"),
+    ],
+)
+def test_accumulate_moments_validates_the_batch(batch, message: str) -> None:
+    x, channels, _, _ = _setup()
+    sums, outer = np.zeros((10, 3)), np.zeros((10, 6))
+    with pytest.raises(ValueError, match=message):
+        accumulate_moments(batch(x), channels, sums, outer)
+    assert not sums.any() and not outer.any()
+
+
+def test_accumulate_moments_with_an_empty_batch_changes_nothing() -> None:
+    x, channels, _, _ = _setup()
+    sums, outer = np.ones((10, 3)), np.ones((10, 6))
+    accumulate_moments(np.empty((0, *x.shape), np.float32), channels, sums, outer)
+    assert (sums == 1).all() and (outer == 1).all()
 
 
 @pytest.mark.xfail(
