@@ -70,7 +70,8 @@ class Backbone:
             self.compiled = c.compile_model(model, "CPU", config)
         except Exception as exc:
             raise BackboneError(f"{self.xml}: OpenVINO cannot compile the backbone: {_first_line(exc)}") from None
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = {"f32": "f32", "bf16": "bf16"}.get(hint.to_string(), hint.to_string())
         self.output_shape = tuple(self.compiled.outputs[0].get_shape())
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()

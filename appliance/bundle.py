@@ -188,7 +188,9 @@ def read_manifest(bundle_dir: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: not an {FORMAT} manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {version!r} is newer than this appliance supports "
                           f"({FORMAT_VERSION}); upgrade the appliance")
     if manifest.get("digest") != hashlib.sha256(_canonical(manifest)).hexdigest():

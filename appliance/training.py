@@ -93,18 +93,21 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _first_readable(samples: Sequence[Sample], skipped: list[tuple[str, str]]) -> np.ndarray:
+def _first_readable(samples: Sequence[Sample]) -> np.ndarray:
+    """The first training image that can be read (it fixes the source geometry); bad ones are reported later."""
+    reasons = []
     for s in samples:
         try:
             return read_image(s.path)
         except ApplianceError as exc:
-            skipped.append((str(s.path), str(exc)))
-    raise DatasetError("no readable training image: " + "; ".join(r for _, r in skipped[:3]))
+            reasons.append(str(exc))
+    raise DatasetError("no readable training image: " + "; ".join(reasons[:3]))
 
 
 def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Backbone,
-                    skipped: list[tuple[str, str]], progress: StageProgress | None) -> Iterator[np.ndarray]:
-    """Backbone features of each readable sample, decoded ahead on a reader thread."""
+                    skipped: list[tuple[str, str]], progress: StageProgress | None,
+                    used: list[int]) -> Iterator[np.ndarray]:
+    """Backbone features of each readable sample, decoded ahead on a reader thread; counts them in ``used``."""
     results: queue.Queue = queue.Queue()
     slots = threading.Semaphore(4)
     stop = threading.Event()
@@ -135,6 +138,7 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
                 raise item
             slots.release()
             done += 1
+            used[0] = done
             if progress:
                 progress("features", done + len(skipped), len(samples))
             yield item
@@ -180,7 +184,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     if not dataset.train:
         raise DatasetError(f"{dataset.root}: no training images")
     skipped: list[tuple[str, str]] = []
-    first = _first_readable(dataset.train, skipped)
+    first = _first_readable(dataset.train)
     source_size = first.shape[:2]
     spec = PreprocessSpec.for_source(source_size, options.height, options.width, options.tile, options.overlap,
                                      options.roi, options.white_level)
@@ -197,11 +201,11 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
                         streams=2, cache_dir=cache)
     scorer = create(options.scorer, options.settings)
 
-    stream = _feature_stream(dataset.train, pre, backbone, skipped, progress)
-    fit_stats = scorer.fit(stream, len(dataset.train), pre.valid_patches(valid_mask),
-                           progress=None)
+    used = [0]
+    stream = _feature_stream(dataset.train, pre, backbone, skipped, progress, used)
+    fit_stats = scorer.fit(stream, len(dataset.train), pre.valid_patches(valid_mask))
     t_fit = time.perf_counter()
-    n_train = len(dataset.train) - sum(1 for p, _ in skipped if any(str(s.path) == p for s in dataset.train))
+    n_train = used[0]
     if n_train < 1:
         raise DatasetError(f"{dataset.root}: none of the {len(dataset.train)} training images could be used")
 

@@ -132,6 +132,8 @@ def greedy_coreset(
     n, dim = features.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
+    if projection_dim is not None and projection_dim < 1:
+        raise ValueError(f"projection_dim must be >= 1 or None, got {projection_dim}")
     rng = np.random.default_rng(seed)
     if projection_dim is None or projection_dim >= dim:
         matrix = np.eye(dim, dtype=np.float32)
@@ -178,6 +180,9 @@ def greedy_coreset(
     radius = np.sqrt(np.maximum(group_max2, 0))  # every row is in the group of its nearest centre
     for i in range(plain, k):
         g = int(np.argmax(group_max2))
+        tied = np.flatnonzero(group_max2 == group_max2[g])
+        if tied.size > 1:  # break exact ties by original row index, as the plain loop does
+            g = int(tied[np.argmin(order[group_arg[tied]])])
         row = int(group_arg[g])
         selected[i] = order[row]
         _update_pruned(xs, np.ascontiguousarray(xs[row]), min_d2, assign_sorted, np.int32(i), offsets, centres,

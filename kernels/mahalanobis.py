@@ -136,6 +136,9 @@ def mahalanobis(x: np.ndarray, channels: np.ndarray, mean: np.ndarray, inv_packe
         ``[T, P]`` float32 distances.
 
     """
+    if mean.ndim != 2 or inv_packed.ndim != 2:
+        raise ValueError(f"mean and inverse must be 2-D [T*P, d] and [T*P, d(d+1)/2], got {mean.shape}, "
+                         f"{inv_packed.shape}")
     _check_features(x, channels, mean.shape[0])
     d = channels.size
     if mean.shape[1] != d or inv_packed.shape != (mean.shape[0], packed_size(d)):
@@ -144,7 +147,9 @@ def mahalanobis(x: np.ndarray, channels: np.ndarray, mean: np.ndarray, inv_packe
         raise ValueError("mean and inverse covariance must be float32")
     if out is None:
         out = np.empty((x.shape[0], x.shape[2]), np.float32)
-    _mahalanobis(x, channels, mean, inv_packed, out)
+    elif out.shape != (x.shape[0], x.shape[2]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {(x.shape[0], x.shape[2])}, got {out.dtype} {out.shape}")
+    _mahalanobis(x, channels, np.ascontiguousarray(mean), np.ascontiguousarray(inv_packed), out)
     return out
 
 

@@ -52,7 +52,8 @@ def shortlist_nn(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarray) -> tupl
     Args:
         x: ``[T, C, P]`` float32 query features (the backbone's NCHW output, flattened).
         bank: ``[B, C]`` float32 memory bank.
-        shortlist: ``[T*P, L]`` int32 bank rows per position, most useful first, padded with -1.
+        shortlist: ``[T*P, L]`` int32 bank rows per position, most useful first; a row's candidates
+            end at its first -1 (padding).
 
     Returns:
         ``(dist2 [T*P] float32, nearest [T*P] int32)``.
@@ -65,7 +66,7 @@ def shortlist_nn(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarray) -> tupl
     if shortlist.dtype != np.int32 or shortlist.ndim != 2 or shortlist.shape[0] != x.shape[0] * x.shape[2]:
         raise ValueError(f"shortlist must be int32 [{x.shape[0] * x.shape[2]}, L], got {shortlist.dtype} "
                          f"{shortlist.shape}")
-    if shortlist.size and (shortlist.max() >= bank.shape[0] or (shortlist[:, 0] < 0).any()):
+    if shortlist.shape[1] == 0 or shortlist.max() >= bank.shape[0] or (shortlist[:, 0] < 0).any():
         raise ValueError("shortlist rows must index the bank and have at least one candidate each")
     dist2 = np.empty(shortlist.shape[0], np.float32)
     nearest = np.empty(shortlist.shape[0], np.int32)
@@ -79,7 +80,8 @@ def shortlist_nn_reference(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarra
     dist2 = np.empty(len(q))
     nearest = np.empty(len(q), np.int64)
     for i, rows in enumerate(shortlist):
-        rows = rows[rows >= 0]
+        end = np.flatnonzero(rows < 0)
+        rows = rows[: end[0]] if end.size else rows
         d = ((bank[rows].astype(np.float64) - q[i]) ** 2).sum(1)
         dist2[i], nearest[i] = d.min(), rows[np.argmin(d)]
     return dist2, nearest

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,15 @@ def build(out_dir: Path, taps: tuple[int, ...] = TAPS, name: str = NAME) -> dict
     ov_model.outputs[0].get_tensor().set_names({"embedding"})
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / f"{name}.xml"
-    ov.save_model(ov_model, xml, compress_to_fp16=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # OpenVINO names nodes from process-wide counters; rename them by position so the same graph
+        # always gives the same bytes (and hashes), whatever else the process has built before.
+        ov.save_model(ov_model, Path(tmp) / "raw.xml", compress_to_fp16=True)
+        compressed = ov.Core().read_model(Path(tmp) / "raw.xml")
+        for i, op in enumerate(compressed.get_ordered_ops()):
+            op.set_friendly_name(f"{op.get_type_name()}_{i}")
+        compressed.set_friendly_name(name)
+        ov.save_model(compressed, xml, compress_to_fp16=False)
     channels = [STAGES[t][4] for t in taps]
     info = {
         "name": name,

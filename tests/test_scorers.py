@@ -235,12 +235,6 @@ def test_add_makes_a_new_good_image_normal_with_exact_search(patchcore: PatchCor
     assert clone(scorer).score(case.odd_good)[1] == pytest.approx(after, rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG appliance/scorers/patchcore.py add() line 286: `row = self.bank.shape[0] + len(added)` is computed "
-    "after self.bank already grew by the earlier rows (line 289), so the k-th new row is promoted as row B+2k; "
-    "the shortlists then point past the bank and the next positional score() raises ValueError from shortlist_nn",
-)
 @pytest.mark.parametrize("candidates", ["positional", "none"])
 def test_add_keeps_shortlists_valid(patchcore: PatchCore, case: Case, candidates: str) -> None:
     check_add_makes_a_new_good_image_normal(patchcore, case, candidates)

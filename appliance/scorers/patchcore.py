@@ -285,7 +285,7 @@ class PatchCore(Scorer):
             if dist[q] <= radius:
                 break
             vec = self._queries(x, np.array([q]))
-            row = self.bank.shape[0] + len(added)
+            row = self.bank.shape[0]  # the new row's index once appended below
             added.append(q)
             self.index.add(vec)
             self.bank = np.concatenate([self.bank, vec])

@@ -24,22 +24,38 @@ def brute_nearest(x: np.ndarray, selected: np.ndarray) -> tuple[np.ndarray, np.n
 # --- equality with the reference ----------------------------------------------------------------------------------
 
 
+def min_relative_gap(x: np.ndarray, k: int, first: int) -> float:
+    """Smallest relative gap between the two largest min-distances over the greedy steps (float64).
+
+    Far above float32 rounding, so no argmax can flip between the kernel and the reference.
+    """
+    x = x.astype(np.float64)
+    min_d2 = ((x - x[first]) ** 2).sum(1)
+    gap = np.inf
+    for _ in range(1, k):
+        lo, hi = np.partition(min_d2, -2)[-2:]
+        gap = min(gap, (hi - lo) / hi)
+        min_d2 = np.minimum(min_d2, ((x - x[int(np.argmax(min_d2))]) ** 2).sum(1))
+    return gap
+
+
 @pytest.mark.parametrize(
-    ("n", "d", "k", "clusters"),
+    ("n", "d", "k", "clusters", "seed"),
     [
-        (300, 4, 40, 8),  # pruning from the 9th pick on
-        (1000, 16, 100, 24),
-        (2500, 40, 150, 32),
-        (513, 3, 60, 1),  # a single pruning group at first
-        (257, 152, 30, 512),  # clusters > k: the plain loop does everything
-        (50, 8, 30, 8),  # N < number of chunks in the plain kernel (empty chunks)
+        (300, 4, 40, 8, 0),  # pruning from the 9th pick on
+        (1000, 16, 100, 24, 0),
+        (2500, 40, 150, 32, 3),
+        (513, 3, 60, 1, 0),  # a single pruning group at first
+        (257, 152, 30, 512, 0),  # clusters > k: the plain loop does everything
+        (50, 8, 30, 8, 0),  # N < number of chunks in the plain kernel (empty chunks)
     ],
 )
 @pytest.mark.parametrize("pruned", [True, False])
-def test_matches_reference_without_projection(n: int, d: int, k: int, clusters: int, pruned: bool) -> None:
-    x = gaussian_blobs(n, d, seed=n + d)
+def test_matches_reference_without_projection(n: int, d: int, k: int, clusters: int, seed: int, pruned: bool) -> None:
+    x = gaussian_blobs(n, d, seed=seed)
     got = greedy_coreset(x, k, projection_dim=None, seed=k, clusters=clusters if pruned else 0)
     assert got.dtype == np.int64 and got.shape == (k,)
+    assert min_relative_gap(x, k, int(got[0])) > 1e-5  # the data has no near-ties (see the helper)
     want = greedy_coreset_reference(x, k, int(got[0]))
     np.testing.assert_array_equal(got, want)
     assert len(np.unique(got)) == k  # distinct points: no row is picked twice
@@ -76,12 +92,6 @@ def test_duplicated_rows_match_reference_while_distinct_rows_remain(clusters: in
     assert len(np.unique(x[got], axis=0)) == distinct
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG kernels/coreset.py greedy_coreset pruned loop (g = argmax(group_max2)): on exactly tied distances it "
-    "takes the lowest *group label* instead of the lowest row index, so it does not select what the plain loop "
-    "(and the reference) selects, contrary to the module docstring",
-)
 def test_pruned_loop_breaks_ties_like_the_plain_loop() -> None:
     grid = np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2).astype(np.float32)
     plain = greedy_coreset(grid, 40, projection_dim=None, seed=0, clusters=0)
@@ -90,11 +100,6 @@ def test_pruned_loop_breaks_ties_like_the_plain_loop() -> None:
     np.testing.assert_array_equal(pruned, plain)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG kernels/coreset.py: with k > number of distinct rows the pruned loop repeats a different row "
-    "(first row of group 0) than the plain loop/reference (row 0); same tie-breaking cause as above",
-)
 def test_pruned_loop_matches_reference_past_the_distinct_rows() -> None:
     rng = np.random.default_rng(1)
     base = rng.standard_normal((50, 6)).astype(np.float32)
@@ -216,11 +221,6 @@ def test_invalid_input_raises_value_error(features: np.ndarray, k: int, message:
         greedy_coreset(features, k)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG kernels/coreset.py greedy_coreset: projection_dim=0 is not validated; projection_matrix divides by "
-    "sqrt(0) and every distance is 0, so it silently returns the first row followed by row 0 repeated",
-)
 def test_zero_projection_dim_is_refused() -> None:
     x = gaussian_blobs(100, 8, seed=0)
     with np.errstate(divide="ignore", invalid="ignore"), pytest.raises(ValueError, match="projection"):

@@ -223,12 +223,6 @@ def test_accumulate_moments_with_an_empty_batch_changes_nothing() -> None:
     assert (sums == 1).all() and (outer == 1).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG kernels/mahalanobis.py mahalanobis(): the optional `out` buffer is not checked; a C-contiguous "
-    "float32 `out` smaller than [T, P] is written past its end instead of raising ValueError",
-)
 def test_mahalanobis_refuses_a_too_small_out_buffer() -> None:
     x, channels, mean, inv = _setup()
     base = np.full((4, 5), -7.0, np.float32)
@@ -237,25 +231,12 @@ def test_mahalanobis_refuses_a_too_small_out_buffer() -> None:
         mahalanobis(x, channels, mean, inv, out=out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG kernels/mahalanobis.py mahalanobis(): a 1-D `mean` reaches `mean.shape[1]` unchecked and raises "
-    "IndexError instead of the wrapper's ValueError",
-)
 def test_mahalanobis_refuses_a_one_dimensional_mean() -> None:
     x, channels, mean, inv = _setup()
     with pytest.raises(ValueError):
         mahalanobis(x, channels, mean[:, 0].copy(), inv)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG kernels/mahalanobis.py mahalanobis(): contiguity of mean/inv_packed is not checked, so e.g. the direct "
-    "output of pack_upper() on stacked matrices (F-ordered) fails in Numba dispatch with TypeError "
-    "'No matching definition' instead of working or raising the wrapper's ValueError",
-)
 def test_mahalanobis_accepts_pack_upper_output_directly() -> None:
     x, channels, mean, _ = _setup()
     inv = pack_upper(np.tile(np.eye(3, dtype=np.float32), (10, 1, 1)))

@@ -106,12 +106,6 @@ def test_validation(change, message: str) -> None:
         shortlist_nn(*change(x, bank, shortlist))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG kernels/nn_search.py shortlist_nn(): the 'at least one candidate each' check is skipped when the "
-    "shortlist has zero columns (`if shortlist.size and ...`), so [T*P, 0] returns dist2=inf, nearest=-1",
-)
 def test_empty_shortlist_width_is_refused() -> None:
     x, bank, _ = problem(1, 8, 10, 30, 4, seed=7)
     with pytest.raises(ValueError, match="at least one candidate"):

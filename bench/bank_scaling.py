@@ -1,0 +1,521 @@
+"""Scaling of PatchCore's nearest-neighbour search with the memory-bank size, exact against approximate.
+
+Usage::
+
+    python bench/bank_scaling.py --data ../shared/data/bsdata/ball_screw --out bench/results/scaling \
+        [--height 256] [--sizes 1e4,3e4,1e5,3e5,1e6] [--threads 2] [--latency-images 30] [--bundle DIR] \
+        [--shortlist-images 100] [--flat-test-budget 60] [--max-train N] [--max-test N] [--seed 0]
+
+What it does:
+
+1. Fits a tiny PatchCore bundle (16 train images, 8 calibration images) only to get the
+   preprocessing and the compiled backbone (or loads ``--bundle``; its working size then wins
+   over ``--height``), and extracts the patch features of every train image (float16 pool,
+   ``[T*h*w, C]`` per image) and every test image (float32, ``[T, C, h, w]`` as the backbone
+   gives them).
+2. For each bank size ``n``: the bank is a **uniform random sample** (seeded) of ``n`` training
+   patches, not a coreset: this measures how *search* scales with the bank, not coreset quality.
+   Indexes, all built with ``appliance.scorers.patchcore.build_index``:
+
+   * ``flat``: ``IndexFlatL2``, exact, the reference;
+   * ``hnsw16`` / ``hnsw64``: ``IndexHNSWFlat`` M=32 (one build) searched with efSearch 16 / 64;
+   * ``ivf``: ``IndexIVFFlat`` with 4*sqrt(n) lists (capped at n/39), nprobe 8;
+   * ``ours``: the PatchCore scorer's ``positional`` mode (shortlists L=64, radius 1, then certified
+     exact refinement in the ``flat`` index), called through ``PatchCore.nearest`` / ``score``.
+     Its shortlists come from ``build_shortlists`` over the nearest bank row of every patch of
+     ``--shortlist-images`` training images, found with the ``hnsw`` index at efSearch 64 (so they
+     are built the way ``fit`` builds them, but from approximate NN rows instead of the coreset's
+     assignment).
+
+   Per index: build time and memory (bytes FAISS serialises; for ``ours`` the flat index plus the
+   scorer's float32 bank copy plus the shortlists), search latency per image (median and p95 over
+   ``--latency-images`` seeded-random test images, one image at a time, all its patches as one
+   batch of queries, query transposition included, after two warm-up searches), recall@1 against
+   ``flat`` on those images (same row, or a distance within 1e-5 relative), the relative error of
+   the image score (max patch NN distance) against ``flat``, and the image AUROC (good vs defect)
+   over the whole test set with its change against exact.
+
+Exact test-set scores: ``flat`` on every test image costs seconds per image at 10^6, so it runs on
+the whole test set only when its measured latency says that takes at most ``--flat-test-budget``
+seconds; otherwise the exact scores are those of ``ours``, whose image scores are first checked to
+equal ``flat``'s on the latency images (the script stops if they do not). Approximate indexes are
+always scored on the whole test set.
+
+Writes ``scaling.json`` (machine, settings, one row per (n, index)), ``scaling.md``,
+``latency_vs_bank.png`` (median search latency against n, log-log, with the backbone-only median
+on the same input as a reference line) and ``recall_vs_bank.png`` (recall@1 and image-score error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, one_line
+
+from appliance import runtime
+from appliance.bundle import load_bundle
+from appliance.datasets import Dataset, Sample, load_mvtec
+from appliance.engine import Engine
+from appliance.imaging import read_image
+from appliance.metrics import image_auroc
+from appliance.scorers import PatchCore, PatchCoreConfig, create
+from appliance.scorers.patchcore import build_index, build_shortlists
+from appliance.training import FitOptions, fit
+
+#: Search function: features ``[T, C, h, w]`` -> squared NN distance ``[T*h*w]`` and bank row ``[T*h*w]``.
+Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+INDEXES = ("flat", "hnsw16", "hnsw64", "ivf", "ours")
+LABELS = {"flat": "flat (exact)", "hnsw16": "HNSW32 ef16", "hnsw64": "HNSW32 ef64", "ivf": "IVF nprobe 8",
+          "ours": "ours (positional + certified)"}
+#: Distances within this relative difference count as ties for recall@1.
+TIE_RTOL = 1e-5
+#: Largest relative image-score difference accepted between ``ours`` and ``flat`` (float32 rounding:
+#: FAISS computes batched distances as |x|^2 + |y|^2 - 2 x.y, the shortlist kernel directly).
+EXACT_RTOL = 1e-4
+FIT_TRAIN_IMAGES = 16
+FIT_CALIBRATION_IMAGES = 8
+WARMUP = 2
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def parse_sizes(text: str) -> list[int]:
+    return sorted({int(float(v)) for v in text.split(",") if v.strip()})
+
+
+# --------------------------------------------------------------------------------------------- features
+def get_engine(args: argparse.Namespace, ds: Dataset) -> Engine:
+    """The bundle's engine: ``--bundle`` loaded, or a tiny fit that only provides preprocessing + backbone."""
+    if args.bundle:
+        log(f"loading bundle {args.bundle}")
+        return load_bundle(args.bundle, threads=args.threads)
+    small = Dataset(ds.name, ds.root, ds.train[:FIT_TRAIN_IMAGES], ds.calibration[:FIT_CALIBRATION_IMAGES], ())
+    options = FitOptions(scorer="patchcore", settings={"coreset_ratio": 0.01}, height=args.height,
+                         threads=args.threads, cache_dir=str(args.out / "cache"))
+    log(f"fitting a small bundle ({len(small.train)} train images) for preprocessing + backbone")
+    return fit(small, args.out / "bundle", options).engine
+
+
+def extract(engine: Engine, samples: tuple[Sample, ...], what: str) -> tuple[np.ndarray, float]:
+    """Features of every sample, stacked ``[N, T, C, h, w]`` float32; and the seconds it took."""
+    t0 = time.perf_counter()
+    out = None
+    for i, s in enumerate(samples):
+        x = engine.features(read_image(s.path))
+        if out is None:
+            out = np.empty((len(samples), *x.shape), np.float32)
+        out[i] = x
+        if (i + 1) % 100 == 0:
+            log(f"  {what}: {i + 1}/{len(samples)} images")
+    return out, time.perf_counter() - t0
+
+
+def extract_pool(engine: Engine, samples: tuple[Sample, ...]) -> tuple[np.ndarray, float]:
+    """Training patches ``[N, T*h*w, C]`` float16 (one image's patches per row block)."""
+    t0 = time.perf_counter()
+    pool = None
+    for i, s in enumerate(samples):
+        x = engine.features(read_image(s.path))
+        t, c, h, w = x.shape
+        if pool is None:
+            pool = np.empty((len(samples), t * h * w, c), np.float16)
+        pool[i] = x.reshape(t, c, h * w).transpose(0, 2, 1).reshape(-1, c)
+        if (i + 1) % 100 == 0:
+            log(f"  train: {i + 1}/{len(samples)} images")
+    return pool, time.perf_counter() - t0
+
+
+def backbone_reference(engine: Engine, samples: list[Sample], warmup: int = 3) -> dict:
+    """Backbone-only latency (``backbone.infer`` on an already preprocessed batch) on the latency images."""
+    batches = [engine.preprocessor.tiles(read_image(s.path)).copy() for s in samples]
+    times = []
+    for i, b in enumerate([*batches[:warmup], *batches]):
+        t0 = time.perf_counter()
+        engine.backbone.infer(b)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {**stats_ms(times), "input": list(batches[0].shape), "precision": engine.backbone.precision}
+
+
+# --------------------------------------------------------------------------------------------- search
+def stats_ms(seconds: list[float]) -> dict:
+    a = np.asarray(seconds) * 1e3
+    return {"median_ms": round(float(np.median(a)), 3), "p95_ms": round(float(np.percentile(a, 95)), 3)}
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """Bytes FAISS writes for ``index`` (what it holds in memory, give or take headers), counted, not copied."""
+    count = 0
+
+    def sink(buf: bytes) -> int:
+        nonlocal count
+        count += len(buf)
+        return len(buf)
+
+    writer = faiss.PyCallbackIOWriter(sink)
+    faiss.write_index(index, writer)
+    del writer
+    return count
+
+
+def faiss_search(index: faiss.Index) -> Search:
+    def run(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t, c, h, w = features.shape
+        q = np.ascontiguousarray(features.reshape(t, c, h * w).transpose(0, 2, 1).reshape(-1, c))
+        d2, nn = index.search(q, 1)
+        return np.maximum(d2[:, 0], 0), nn[:, 0]
+    return run
+
+
+@dataclass
+class Run:
+    """Results of one index on the test set: per-image squared distances of the timed images, scores of all."""
+
+    seconds: list[float]
+    d2: list[np.ndarray]
+    nn: list[np.ndarray]
+    scores: np.ndarray  # image score per test image (NaN where not searched)
+    refined: list[int]
+
+
+def run_index(search: Search, test: np.ndarray, timed: np.ndarray, rest: np.ndarray | None,
+              scorer: PatchCore | None = None) -> Run:
+    """Time ``search`` on the ``timed`` test images (one at a time), then score ``rest`` untimed."""
+    for _ in range(WARMUP):
+        search(test[timed[0]])
+    run = Run([], [], [], np.full(len(test), np.nan), [])
+    for i in timed:
+        t0 = time.perf_counter()
+        d2, nn = search(test[i])
+        run.seconds.append(time.perf_counter() - t0)
+        run.d2.append(d2)
+        run.nn.append(nn)
+        run.scores[i] = float(np.sqrt(d2.max()))
+        if scorer is not None:
+            run.refined.append(scorer.refined_last)
+    for i in rest if rest is not None else ():
+        d2, _ = search(test[i])
+        run.scores[i] = float(np.sqrt(d2.max()))
+    return run
+
+
+def recall_at_1(run: Run, ref: Run) -> float:
+    hits = total = 0
+    for d2, nn, rd2, rnn in zip(run.d2, run.nn, ref.d2, ref.nn, strict=True):
+        d, rd = np.sqrt(d2), np.sqrt(rd2)
+        hits += int(((nn == rnn) | (np.abs(d - rd) <= TIE_RTOL * np.maximum(rd, 1e-12))).sum())
+        total += nn.size
+    return hits / total
+
+
+def rel_errors(scores: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    ok = ~np.isnan(scores) & ~np.isnan(exact)
+    return np.abs(scores[ok] - exact[ok]) / np.maximum(exact[ok], 1e-12)
+
+
+# --------------------------------------------------------------------------------------------- one size
+def ours_scorer(bank: np.ndarray, flat: faiss.Index, hnsw: faiss.Index, pool: np.ndarray,
+                grid: tuple[int, int, int], images: np.ndarray) -> tuple[PatchCore, dict]:
+    """A positional PatchCore over ``bank``/``flat``; shortlists from the hnsw NN rows of ``images``' patches."""
+    t0 = time.perf_counter()
+    hnsw.hnsw.efSearch = 64
+    assign = np.empty((len(images), pool.shape[1]), np.int32)
+    dmax = 0.0
+    for j, i in enumerate(images):
+        d2, nn = hnsw.search(pool[i].astype(np.float32), 1)
+        assign[j] = nn[:, 0]
+        dmax = max(dmax, float(d2.max()))
+    t1 = time.perf_counter()
+    scorer = create("patchcore", {"index": "flat", "candidates": "positional", "shortlist": 64,
+                                  "shortlist_radius": 1, "reweight": False})
+    scorer.bank = bank
+    scorer.index = flat
+    scorer.shortlist = build_shortlists(assign, grid, scorer.config.shortlist, scorer.config.shortlist_radius)
+    scorer.valid = None
+    scorer.coverage_radius = float(np.sqrt(max(dmax, 0.0)))  # approximate; search does not use it
+    t2 = time.perf_counter()
+    return scorer, {"assign_search_s": round(t1 - t0, 3), "shortlists_s": round(t2 - t1, 3)}
+
+
+def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.ndarray, labels: np.ndarray,
+                 timed: np.ndarray, args: argparse.Namespace, rng: np.random.Generator) -> list[dict]:
+    """All indexes at bank size ``n``: one row each."""
+    n_img, per_img, c = pool.shape
+    others = np.setdiff1d(np.arange(len(test)), timed)
+    t0 = time.perf_counter()
+    rows_idx = np.sort(rng.choice(n_img * per_img, n, replace=False))
+    bank = np.ascontiguousarray(pool.reshape(-1, c)[rows_idx], np.float32)
+    log(f"n={n:,}: bank sampled in {time.perf_counter() - t0:.1f} s")
+    runs: dict[str, Run] = {}
+    info: dict[str, dict] = {}
+
+    # -- flat: the exact reference on the timed images (and on all of them when affordable)
+    t0 = time.perf_counter()
+    flat = build_index(bank, PatchCoreConfig(index="flat"))
+    info["flat"] = {"build_s": round(time.perf_counter() - t0, 3), "index_mb": index_bytes(flat) / 2**20,
+                    "params": {}}
+    runs["flat"] = run_index(faiss_search(flat), test, timed, None)
+    est = float(np.median(runs["flat"].seconds)) * len(others)
+    if est <= args.flat_test_budget:
+        for i in others:
+            runs["flat"].scores[i] = float(np.sqrt(faiss_search(flat)(test[i])[0].max()))
+        info["flat"]["test_images"] = len(test)
+    else:
+        info["flat"]["test_images"] = len(timed)
+        info["flat"]["note"] = f"whole test set skipped (~{est:.0f} s estimated); exact scores from ours"
+    log(f"n={n:,}: flat {np.median(runs['flat'].seconds) * 1e3:.1f} ms/image")
+
+    # -- hnsw, one build, two search depths
+    t0 = time.perf_counter()
+    hnsw = build_index(bank, PatchCoreConfig(index="hnsw", hnsw_m=32, ef_search=16))
+    build = round(time.perf_counter() - t0, 3)
+    mb = index_bytes(hnsw) / 2**20
+    for name, ef in (("hnsw16", 16), ("hnsw64", 64)):
+        hnsw.hnsw.efSearch = ef
+        runs[name] = run_index(faiss_search(hnsw), test, timed, others)
+        info[name] = {"build_s": build, "index_mb": mb, "params": {"M": 32, "efSearch": ef},
+                      "test_images": len(test)}
+        log(f"n={n:,}: {name} built in {build:.1f} s, {np.median(runs[name].seconds) * 1e3:.1f} ms/image")
+
+    # -- ours: positional shortlists + certified refinement in the flat index
+    shortlist_imgs = np.sort(rng.choice(n_img, min(args.shortlist_images, n_img), replace=False))
+    scorer, parts = ours_scorer(bank, flat, hnsw, pool, grid, shortlist_imgs)
+    del hnsw
+    gc.collect()
+    runs["ours"] = run_index(scorer.nearest, test, timed, others, scorer)
+    ours_mb = info["flat"]["index_mb"] + (scorer.bank.nbytes + scorer.shortlist.nbytes) / 2**20
+    info["ours"] = {"build_s": round(info["flat"]["build_s"] + parts["assign_search_s"] + parts["shortlists_s"], 3),
+                    "build_parts": {"flat_add_s": info["flat"]["build_s"], **parts,
+                                    "hnsw_build_s_not_counted": info["hnsw16"]["build_s"]},
+                    "index_mb": ours_mb, "test_images": len(test),
+                    "params": {"shortlist": 64, "radius": 1, "shortlist_images": len(shortlist_imgs),
+                               "assignment": "hnsw M=32 efSearch 64"},
+                    "refined_patches": {"median": float(np.median(runs["ours"].refined)),
+                                        "max": int(max(runs["ours"].refined))}}
+    # The certified image score must equal the flat index's (up to float32 rounding) before it stands in.
+    _, s_ours = scorer.score(test[timed[0]])
+    assert abs(s_ours - runs["ours"].scores[timed[0]]) <= EXACT_RTOL * runs["ours"].scores[timed[0]]
+    err = rel_errors(runs["ours"].scores, runs["flat"].scores)
+    info["ours"]["exact_check"] = {"images": int(err.size), "max_rel_diff": float(err.max()),
+                                   "bit_equal": int((err == 0).sum())}
+    if err.max() > EXACT_RTOL:
+        raise SystemExit(f"n={n}: the certified positional image scores differ from the flat index's by up to "
+                         f"{err.max():.3g} (relative) on {err.size} images; not using them as exact")
+    log(f"n={n:,}: ours {np.median(runs['ours'].seconds) * 1e3:.1f} ms/image, refined "
+        f"{info['ours']['refined_patches']}, image scores = flat's within {err.max():.2g} on {err.size} images")
+    del scorer
+    gc.collect()
+
+    # -- ivf
+    t0 = time.perf_counter()
+    ivf = build_index(bank, PatchCoreConfig(index="ivf", nprobe=8))
+    info["ivf"] = {"build_s": round(time.perf_counter() - t0, 3), "index_mb": index_bytes(ivf) / 2**20,
+                   "params": {"nlist": int(ivf.nlist), "nprobe": 8}, "test_images": len(test)}
+    runs["ivf"] = run_index(faiss_search(ivf), test, timed, others)
+    log(f"n={n:,}: ivf built in {info['ivf']['build_s']:.1f} s, {np.median(runs['ivf'].seconds) * 1e3:.1f} ms/image")
+    del ivf, flat, bank
+    gc.collect()
+
+    # -- exact reference on the whole test set, then one row per index
+    exact_source = "flat" if info["flat"]["test_images"] == len(test) else "ours"
+    exact = runs[exact_source].scores
+    auroc_exact = image_auroc(labels, exact)
+    out = []
+    for name in INDEXES:
+        r, ref = runs[name], runs["flat"]
+        lat_err = rel_errors(r.scores[timed], ref.scores[timed])
+        test_err = rel_errors(r.scores, exact)
+        full = not np.isnan(r.scores).any()
+        auroc = image_auroc(labels, r.scores) if full else None
+        row = {"n": n, "index": name, **info[name], **stats_ms(r.seconds),
+               "recall_at_1": round(recall_at_1(r, ref), 5),
+               "score_rel_err_mean": float(lat_err.mean()), "score_rel_err_max": float(lat_err.max()),
+               "test_score_rel_err_mean": float(test_err.mean()), "test_score_rel_err_max": float(test_err.max()),
+               "auroc": auroc, "auroc_exact": auroc_exact, "auroc_exact_from": exact_source,
+               "auroc_delta": None if auroc is None else auroc - auroc_exact}
+        row["index_mb"] = round(row["index_mb"], 2)
+        out.append(row)
+    log(f"n={n:,}: exact AUROC {auroc_exact:.4f} (from {exact_source}); peak RSS {peak_rss_mb():.0f} MB")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def write_markdown(path: Path, result: dict) -> None:
+    s, bb = result["settings"], result["backbone_reference"]
+    lines = [
+        "# Search latency and recall against memory-bank size",
+        "",
+        f"Machine: {one_line(result['machine'])}",
+        "",
+        f"Input {s['working_size'][0]}x{s['working_size'][1]} ({s['patches_per_image']} patches/image, "
+        f"{s['channels']} channels), {s['threads']} threads, latency over {s['latency_images']} test images "
+        f"(one at a time, all patches as one batch), AUROC over {s['test_images']} test images. Banks are uniform "
+        f"random samples of {s['train_patches']:,} training patches ({s['train_images']} images): this is the "
+        "scaling of search, not of coreset quality. Backbone alone on the same input: "
+        f"median {bb['median_ms']:.1f} ms, p95 {bb['p95_ms']:.1f} ms.",
+        "",
+        "| bank | index | build s | MB | median ms | p95 ms | recall@1 | score err mean | score err max "
+        "| AUROC | ΔAUROC |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        auroc = "" if r["auroc"] is None else f"{r['auroc']:.4f}"
+        delta = "" if r["auroc_delta"] is None else f"{r['auroc_delta']:+.4f}"
+        lines.append(f"| {r['n']:,} | {LABELS[r['index']]} | {r['build_s']:.2f} | {r['index_mb']:.1f} "
+                     f"| {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['recall_at_1']:.4f} "
+                     f"| {r['score_rel_err_mean']:.2e} | {r['score_rel_err_max']:.2e} | {auroc} | {delta} |")
+    lines += [
+        "",
+        "Score errors: relative error of the image score (max patch NN distance) against `flat`, on the latency "
+        "images. AUROC for `flat` is computed on the whole test set when that was affordable; otherwise the exact "
+        "AUROC comes from `ours`, whose image scores were checked equal to `flat`'s on the latency images "
+        f"(relative difference ≤ {EXACT_RTOL:g}; see `exact_check` in the JSON). `ours` build time is the flat "
+        "index plus the shortlists (HNSW assignment search + `build_shortlists`), not the HNSW build it borrowed; "
+        "its memory is the flat index plus the scorer's float32 bank copy plus the shortlists.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def plot(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    bb = result["backbone_reference"]["median_ms"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in INDEXES:
+        pts = [(r["n"], r["median_ms"]) for r in rows if r["index"] == name]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[name])
+    ax.axhline(bb, color="k", ls="--", lw=1, label=f"backbone only ({bb:.1f} ms)")
+    ax.set(xscale="log", yscale="log", xlabel="bank size (patches)", ylabel="search latency per image, median (ms)",
+           title=f"NN search, {result['settings']['patches_per_image']} queries/image, "
+                 f"{result['settings']['threads']} threads")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency_vs_bank.png", dpi=120)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name in INDEXES:
+        pts = [(r["n"], r["recall_at_1"], r["score_rel_err_max"]) for r in rows if r["index"] == name]
+        if pts:
+            n, rec, err = zip(*pts, strict=True)
+            a1.plot(n, rec, marker="o", label=LABELS[name])
+            a2.plot(n, err, marker="o", label=LABELS[name])
+    a1.set(xscale="log", xlabel="bank size (patches)", ylabel="recall@1 vs exact (all patches)")
+    a2.set(xscale="log", yscale="symlog", xlabel="bank size (patches)",
+           ylabel="image score, max relative error vs exact")
+    a2.set_yscale("symlog", linthresh=1e-6)
+    for a in (a1, a2):
+        a.grid(True, which="both", alpha=0.3)
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "recall_vs_bank.png", dpi=120)
+    plt.close(fig)
+
+
+def save(out: Path, result: dict) -> None:
+    (out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out / "scaling.md", result)
+    if result["rows"]:
+        plot(out, result)
+
+
+# --------------------------------------------------------------------------------------------- main
+def main() -> None:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--height", type=int, default=256, help="working height (aspect ratio kept)")
+    p.add_argument("--sizes", default="1e4,3e4,1e5,3e5,1e6", help="bank sizes, comma separated")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency-images", type=int, default=30)
+    p.add_argument("--shortlist-images", type=int, default=100, help="training images the shortlists come from")
+    p.add_argument("--flat-test-budget", type=float, default=60.0,
+                   help="seconds flat may take on the rest of the test set; beyond, exact scores come from ours")
+    p.add_argument("--bundle", type=Path, help="reuse this bundle's preprocessing and backbone instead of fitting")
+    p.add_argument("--max-train", type=int, help="use only the first N train images (development)")
+    p.add_argument("--max-test", type=int, help="use only N test images, seeded (development)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    runtime.configure(args.threads)  # numba.set_num_threads + faiss.omp_set_num_threads
+    rng = np.random.default_rng(args.seed)
+
+    ds = load_mvtec(args.data.resolve())
+    engine = get_engine(args, ds)
+    train = ds.train[: args.max_train] if args.max_train else ds.train
+    test = tuple(s for s in ds.test if s.label in ("good", "defect"))
+    if args.max_test and args.max_test < len(test):
+        test = tuple(test[i] for i in np.sort(rng.choice(len(test), args.max_test, replace=False)))
+    runtime.configure(args.threads)
+
+    log(f"extracting features: {len(train)} train, {len(test)} test images")
+    pool, train_s = extract_pool(engine, train)
+    test_feats, test_s = extract(engine, test, "test")
+    t_count, c, h, w = test_feats.shape[1:]
+    grid = (t_count, h, w)
+    labels = np.array([s.label == "defect" for s in test])
+    timed = np.sort(rng.choice(len(test), min(args.latency_images, len(test)), replace=False))
+    backbone = backbone_reference(engine, [test[i] for i in timed])
+    log(f"features: train {train_s:.0f} s ({pool.nbytes / 2**20:.0f} MB float16), test {test_s:.0f} s; "
+        f"backbone alone {backbone['median_ms']:.1f} ms")
+
+    sizes = parse_sizes(args.sizes)
+    result = {
+        "machine": describe(),
+        "settings": {"data": str(args.data), "bundle": str(args.bundle or args.out / "bundle"),
+                     "working_size": list(engine.spec.size), "grid": list(grid), "channels": int(c),
+                     "patches_per_image": int(t_count * h * w), "threads": args.threads, "sizes": sizes,
+                     "train_images": len(train), "train_patches": int(pool.shape[0] * pool.shape[1]),
+                     "test_images": len(test), "latency_images": len(timed),
+                     "shortlist_images": args.shortlist_images, "flat_test_budget_s": args.flat_test_budget,
+                     "seed": args.seed, "bank": "uniform random sample of training patches (seeded)",
+                     "feature_seconds": {"train": round(train_s, 1), "test": round(test_s, 1)}},
+        "backbone_reference": backbone,
+        "rows": [],
+    }
+    for n in sizes:
+        if n > pool.shape[0] * pool.shape[1]:
+            log(f"n={n:,}: more than the {pool.shape[0] * pool.shape[1]:,} training patches; skipped")
+            continue
+        t0 = time.perf_counter()
+        result["rows"] += measure_size(n, pool, grid, test_feats, labels, timed, args, rng)
+        log(f"n={n:,}: done in {time.perf_counter() - t0:.0f} s")
+        result["seconds_total"] = round(time.perf_counter() - t_start, 1)
+        result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        save(args.out, result)
+    save(args.out, result)
+    print(one_line(result["machine"]))
+    print((args.out / "scaling.md").read_text())
+    log(f"total {time.perf_counter() - t_start:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
