@@ -5,6 +5,6 @@ FASTMATH = True
 #: Compile results are cached on disk (NUMBA_CACHE_DIR) so a restart does not recompile.
 CACHE = True
 #: Greedy k-center: number of plain iterations whose centres become the pruning clusters.
-CORESET_CLUSTERS = 512
+CORESET_CLUSTERS = 1024
 #: Rows per chunk when streaming a projection, so memory stays bounded.
 CHUNK_ROWS = 65536

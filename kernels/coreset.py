@@ -52,25 +52,45 @@ def _update_all(x, centre, min_d2, assign, label, chunk_arg, chunk_max):  # prag
         chunk_arg[c] = arg
 
 
+#: Relative slack on every triangle-inequality test, so float rounding can never skip a row that matters.
+_SLACK = np.float32(1e-4)
+
+
 @njit(
     "void(float32[:, ::1], float32[::1], float32[::1], int32[::1], int32, int64[::1], float32[:, ::1],"
-    " float32[::1], float32[::1], int64[::1])",
+    " float32[::1], float32[::1], int64[::1], float32[::1], int64[::1])",
     parallel=True, fastmath=_F, cache=_C,
 )
-def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, group_max2,
+def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, dc, original, group_max2,
                    group_arg):  # pragma: no cover - compiled
-    """One pruned iteration: rows are sorted by group; unreachable groups are skipped."""
+    """One pruned iteration over rows sorted by (group, distance to the group's centre ``dc``).
+
+    With ``e`` the new centre's distance to a group's centre, a row can only get closer to
+    the new centre than to its current nearest if ``|e - dc| < current distance <= D_g``: so
+    groups with ``e - r_g >= D_g`` are skipped, and in the others only the rows whose ``dc``
+    lies in ``(e - D_g, e + D_g)`` (a binary search) are looked at.
+    """
     d = x.shape[1]
     for g in prange(centres.shape[0]):
+        lo, hi = offsets[g], offsets[g + 1]
+        if lo == hi:
+            continue
         s = np.float32(0.0)
         for j in range(d):
             t = centres[g, j] - centre[j]
             s += t * t
-        reach = np.sqrt(s) - radius[g]
-        if reach > 0 and reach * reach >= group_max2[g]:
+        e = np.sqrt(s)
+        reach = np.sqrt(max(group_max2[g], np.float32(0.0))) * (1 + _SLACK) + np.float32(1e-6)
+        if e - radius[g] >= reach:
             continue
-        best, arg = np.float32(-1.0), np.int64(-1)
-        for i in range(offsets[g], offsets[g + 1]):
+        first = lo + np.searchsorted(dc[lo:hi], e - reach)
+        last = lo + np.searchsorted(dc[lo:hi], e + reach, side="right")
+        arg = group_arg[g]
+        arg_moved = False
+        for i in range(first, last):
+            bound = e - dc[i]
+            if bound * bound > min_d2[i] * (1 + _SLACK) + np.float32(1e-6):
+                continue
             s = np.float32(0.0)
             for j in range(d):
                 t = x[i, j] - centre[j]
@@ -78,10 +98,29 @@ def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, g
             if s < min_d2[i]:
                 min_d2[i] = s
                 assign[i] = label
-            if min_d2[i] > best:
-                best, arg = min_d2[i], i
-        group_max2[g] = best
-        group_arg[g] = arg
+                if i == arg:
+                    arg_moved = True
+        if arg_moved:  # the group's farthest row got closer: find the new farthest (ties: lowest original row)
+            best, arg = np.float32(-1.0), np.int64(-1)
+            for i in range(lo, hi):
+                v = min_d2[i]
+                if v > best or (v == best and original[i] < original[arg]):
+                    best, arg = v, i
+            group_max2[g] = best
+            group_arg[g] = arg
+
+
+@njit("void(float32[:, ::1], float32[:, ::1], int64[::1], float32[::1])", parallel=True, fastmath=_F, cache=_C)
+def _centre_distances(x, centres, offsets, dc):  # pragma: no cover - compiled
+    """dc[i] = distance of row i to the centre of its group."""
+    d = x.shape[1]
+    for g in prange(centres.shape[0]):
+        for i in range(offsets[g], offsets[g + 1]):
+            s = np.float32(0.0)
+            for j in range(d):
+                t = x[i, j] - centres[g, j]
+                s += t * t
+            dc[i] = np.sqrt(s)
 
 
 def _project(features: np.ndarray, rows: np.ndarray | None, matrix: np.ndarray, out: np.ndarray) -> None:
@@ -157,8 +196,9 @@ def greedy_coreset(
     if plain == k:
         return (selected, assign) if return_assignment else selected
 
-    # Group rows by nearest centre, re-projected in group order so each group is contiguous.
-    order = np.argsort(assign, kind="stable")
+    # Group rows by nearest centre, sorted within the group by distance to it (from phase 1), and
+    # re-project them in that order so each group is contiguous and its annuli are slices.
+    order = np.lexsort((min_d2, assign))
     offsets = np.zeros(plain + 1, np.int64)
     np.cumsum(np.bincount(assign, minlength=plain), out=offsets[1:])
     centres = np.ascontiguousarray(x[selected[:plain]])
@@ -168,16 +208,24 @@ def greedy_coreset(
     min_d2 = min_d2[order]
     assign_sorted = assign[order]
     del assign
-    group_max2 = np.empty(plain, np.float32)
-    group_arg = np.empty(plain, np.int64)
+    dc = np.empty(n, np.float32)
+    _centre_distances(xs, centres, offsets, dc)
+    for g in range(plain):  # the re-projection may differ from phase 1 in the last bit: keep each slice sorted
+        lo, hi = offsets[g], offsets[g + 1]
+        if hi - lo > 1 and (np.diff(dc[lo:hi]) < 0).any():
+            fix = lo + np.argsort(dc[lo:hi], kind="stable")
+            order[lo:hi], xs[lo:hi], min_d2[lo:hi], dc[lo:hi] = order[fix], xs[fix], min_d2[fix], dc[fix]
+    group_max2 = np.full(plain, -1.0, np.float32)
+    group_arg = np.full(plain, -1, np.int64)
+    radius = np.zeros(plain, np.float32)
     for g in range(plain):
         lo, hi = offsets[g], offsets[g + 1]
         if lo == hi:  # only when rows duplicate an earlier centre exactly
-            group_max2[g], group_arg[g] = -1.0, -1
             continue
-        j = lo + int(np.argmax(min_d2[lo:hi]))
-        group_max2[g], group_arg[g] = min_d2[j], j
-    radius = np.sqrt(np.maximum(group_max2, 0))  # every row is in the group of its nearest centre
+        vals = min_d2[lo:hi]
+        tied = lo + np.flatnonzero(vals == vals.max())
+        j = int(tied[np.argmin(order[tied])])
+        group_max2[g], group_arg[g], radius[g] = min_d2[j], j, dc[hi - 1] * (1 + 1e-4)
     for i in range(plain, k):
         g = int(np.argmax(group_max2))
         tied = np.flatnonzero(group_max2 == group_max2[g])
@@ -186,7 +234,7 @@ def greedy_coreset(
         row = int(group_arg[g])
         selected[i] = order[row]
         _update_pruned(xs, np.ascontiguousarray(xs[row]), min_d2, assign_sorted, np.int32(i), offsets, centres,
-                       radius, group_max2, group_arg)
+                       radius, dc, order, group_max2, group_arg)
     if not return_assignment:
         return selected
     assign = np.empty(n, np.int32)

@@ -85,3 +85,82 @@ def shortlist_nn_reference(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarra
         d = ((bank[rows].astype(np.float64) - q[i]) ** 2).sum(1)
         dist2[i], nearest[i] = d.min(), rows[np.argmin(d)]
     return dist2, nearest
+
+
+@njit(
+    "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], float32[::1], int32[::1], int64)",
+    parallel=True, fastmath=_F, cache=_C,
+)
+def _graph_descent(x, bank, graph, dist2, nearest, max_steps):  # pragma: no cover - compiled
+    t_count, c_count, p_count = x.shape
+    degree = graph.shape[1]
+    for q in prange(t_count * p_count):
+        t, p = q // p_count, q % p_count
+        v = np.empty(c_count, np.float32)
+        for c in range(c_count):
+            v[c] = x[t, c, p]
+        best, arg = dist2[q], nearest[q]
+        for _ in range(max_steps):
+            start = arg
+            for m in range(degree):
+                row = graph[start, m]
+                if row < 0:
+                    break
+                s = np.float32(0.0)
+                for c in range(c_count):
+                    diff = v[c] - bank[row, c]
+                    s += diff * diff
+                if s < best:
+                    best, arg = s, row
+            if arg == start:
+                break
+        dist2[q] = best
+        nearest[q] = arg
+
+
+def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.ndarray, nearest: np.ndarray,
+                  max_steps: int = 2) -> None:
+    """Tighten nearest-neighbour bounds by greedy steps on the bank's k-NN graph, in place.
+
+    From each query's current nearest bank row, look at that row's graph neighbours and move to
+    the nearest one if it is nearer; repeat up to ``max_steps`` times. Distances stay true
+    distances to bank rows, so they remain upper bounds of the exact nearest-neighbour distance.
+
+    Args:
+        x: ``[T, C, P]`` float32 queries.
+        bank: ``[B, C]`` float32 bank.
+        graph: ``[B, K]`` int32 nearest bank rows of each bank row (padded with -1).
+        dist2: ``[T*P]`` float32 current squared distances (updated).
+        nearest: ``[T*P]`` int32 current nearest rows (updated).
+        max_steps: greedy steps per query.
+
+    """
+    n = x.shape[0] * x.shape[2]
+    if graph.dtype != np.int32 or graph.ndim != 2 or graph.shape[0] != bank.shape[0] or not graph.flags.c_contiguous:
+        raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")
+    if dist2.shape != (n,) or nearest.shape != (n,) or dist2.dtype != np.float32 or nearest.dtype != np.int32:
+        raise ValueError(f"dist2/nearest must be float32/int32 vectors of length {n}")
+    if graph.size and graph.max() >= bank.shape[0]:
+        raise ValueError("graph rows must index the bank")
+    if nearest.min() < 0 or nearest.max() >= bank.shape[0]:
+        raise ValueError("nearest must index the bank")
+    _graph_descent(x, bank, graph, dist2, nearest, int(max_steps))
+
+
+def graph_descent_reference(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.ndarray,
+                            nearest: np.ndarray, max_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Plain NumPy version of ``graph_descent`` (returns new arrays); for tests."""
+    q = x.transpose(0, 2, 1).reshape(-1, x.shape[1]).astype(np.float64)
+    d2, nn = dist2.astype(np.float64).copy(), nearest.astype(np.int64).copy()
+    for i in range(len(q)):
+        for _ in range(max_steps):
+            start = nn[i]
+            rows = graph[start]
+            end = np.flatnonzero(rows < 0)
+            rows = rows[: end[0]] if end.size else rows
+            d = ((bank[rows].astype(np.float64) - q[i]) ** 2).sum(1)
+            if d.size and d.min() < d2[i]:
+                d2[i], nn[i] = d.min(), rows[np.argmin(d)]
+            if nn[i] == start:
+                break
+    return d2, nn
