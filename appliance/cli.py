@@ -8,6 +8,7 @@ file, with exit code 2; batch commands skip bad files and list them at the end.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,8 @@ bundle_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and pack mo
 app.add_typer(bundle_app, name="bundle")
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "samples" / "ball_screw"
+#: OpenVINO's compiled-model cache for command-line runs (the daemon uses /var/cache/anomaly-appliance).
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anomaly-appliance"
 
 
 def _fail(exc: BaseException) -> None:
@@ -107,7 +110,7 @@ def fit(
     target_frr: Annotated[float, typer.Option(help="false-reject rate target without labelled defects")] = 0.01,
     precision: Annotated[str, typer.Option(help="backbone precision f32 or bf16")] = "f32",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="OpenVINO model cache folder")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="OpenVINO model cache folder")] = DEFAULT_CACHE,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Fit a model on good images and write a verified bundle."""
@@ -135,7 +138,7 @@ def fit(
                              tile=_parse_pair(tile, "tile"), overlap=overlap, roi=roi_t,
                              white_level=white_level, valid_mask=str(valid_mask) if valid_mask else None,
                              precision=precision, threads=threads, target_false_reject_rate=target_frr,
-                             cache_dir=str(cache_dir) if cache_dir else None)
+                             cache_dir=str(cache_dir))
         report = run_fit(dataset, out, options, progress)
     except ApplianceError as exc:
         progress.close()
@@ -175,7 +178,7 @@ def predict(
     threshold: Annotated[float | None, typer.Option(help="normalised threshold (default: bundle's 0.5)")] = None,
     maps: Annotated[bool, typer.Option(help="also save raw anomaly maps (.npy) next to overlays")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="OpenVINO model cache folder")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="OpenVINO model cache folder")] = DEFAULT_CACHE,
 ) -> None:
     """Score images: verdicts, scores, overlay PNGs with the result in EXIF; table, JSON or CSV."""
     import numpy as np
@@ -248,7 +251,7 @@ def evaluate_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the summary and per-image scores")] = None,
     pixel: Annotated[bool, typer.Option(help="compute pixel AUROC and PRO (needs masks)")] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="OpenVINO model cache folder")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="OpenVINO model cache folder")] = DEFAULT_CACHE,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Image AUROC, pixel AUROC, PRO (FPR <= 0.3) and F1 at the threshold, per defect type."""

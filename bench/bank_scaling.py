@@ -22,21 +22,22 @@ What it does:
    * ``ivf``: ``IndexIVFFlat`` with 4*sqrt(n) lists (at least 39 rows per list), nprobe 8;
    * ``ours``: the PatchCore scorer's ``positional`` mode (shortlists L=64, radius 1, then certified
      exact refinement in the exact index ``build_index`` makes for ``index="flat"``, whatever class the
-     library uses for it), called through ``PatchCore.nearest`` / ``score``; when the scorer has a bank
-     k-NN graph (``graph``), it is built with the library's ``build_graph`` as ``fit`` does.
+     library uses for it), called through ``PatchCore.nearest`` / ``score``; whatever further search
+     structures this version's ``fit`` builds after the coreset (its own HNSW stage, a bank k-NN
+     graph) are built by the scorer's own ``set_bank``.
      Its shortlists come from ``build_shortlists`` over the nearest bank row of every patch of
      ``--shortlist-images`` training images, found with the ``hnsw`` index at efSearch 64 (so they
      are built the way ``fit`` builds them, but from approximate NN rows instead of the coreset's
      assignment).
 
-   Per index: build time and memory (bytes FAISS serialises; for ``ours`` its exact index plus the
-   scorer's float32 bank copy, the shortlists and any graph), search latency per image (median and p95 over
-   ``--latency-images`` seeded-random test images, one image at a time, all its patches as one
-   batch of queries, query transposition included, after two warm-up searches, or one when a search
-   takes over a second), recall@1 against
-   ``flat`` on those images (same row, or a distance within 1e-5 relative), the relative error of
-   the image score (max patch NN distance) against ``flat``, and the image AUROC (good vs defect)
-   over the whole test set with its change against exact.
+   Per index: build time and memory (bytes FAISS serialises; for ``ours`` every FAISS index and
+   array the scorer holds: its float32 bank copy, shortlists, and any graph or HNSW); search
+   latency per image (median and p95 over ``--latency-images`` seeded-random test images, one
+   image at a time, all its patches as one batch of queries, query transposition included, after
+   two warm-up searches, or one when a search takes over a second); recall@1 against ``flat`` on
+   those images (same row, or a distance within 1e-5 relative); the relative error of the image
+   score (max patch NN distance) against ``flat``; and the image AUROC (good vs defect) over the
+   whole test set with its change against exact.
 
 Exact test-set scores: ``flat`` on every test image costs seconds per image at 10^6, so it runs on
 the whole test set only when its measured latency says that takes at most ``--flat-test-budget``
@@ -75,8 +76,8 @@ from appliance.engine import Engine
 from appliance.imaging import read_image
 from appliance.metrics import image_auroc
 from appliance.preprocess import round_to
-from appliance.scorers import PatchCore, create, patchcore
-from appliance.scorers.patchcore import build_index, build_shortlists
+from appliance.scorers import PatchCore, create
+from appliance.scorers.patchcore import build_shortlists
 from appliance.training import FitOptions, fit
 
 #: Search function: features ``[T, C, h, w]`` -> squared NN distance ``[T*h*w]`` and bank row ``[T*h*w]``.
@@ -93,6 +94,8 @@ EXACT_RTOL = 1e-4
 FIT_TRAIN_IMAGES = 16
 FIT_CALIBRATION_IMAGES = 8
 WARMUP = 2
+#: Fewest latency images the exact reference covers, whatever its time budget.
+MIN_TIMED = 5
 
 
 def log(msg: str) -> None:
@@ -182,6 +185,17 @@ def index_bytes(index: faiss.Index) -> int:
     return count
 
 
+def scorer_bytes(scorer: PatchCore) -> int:
+    """Memory of the scorer's search state: every FAISS index and array it holds."""
+    total = 0
+    for value in vars(scorer).values():
+        if isinstance(value, faiss.Index):
+            total += index_bytes(value)
+        elif isinstance(value, np.ndarray):
+            total += value.nbytes
+    return total
+
+
 def faiss_search(index: faiss.Index) -> Search:
     def run(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t, c, h, w = features.shape
@@ -200,17 +214,22 @@ class Run:
     nn: list[np.ndarray]
     scores: np.ndarray  # image score per test image (NaN where not searched)
     refined: list[int]
+    approx: list[int]
 
 
 def run_index(search: Search, test: np.ndarray, timed: np.ndarray, rest: np.ndarray | None,
-              scorer: PatchCore | None = None) -> Run:
-    """Time ``search`` on the ``timed`` test images (one at a time), then score ``rest`` untimed."""
+              scorer: PatchCore | None = None, budget: float | None = None) -> Run:
+    """Time ``search`` on the ``timed`` test images (one at a time), then score ``rest`` untimed.
+
+    With ``budget`` (seconds), timing stops early once the budget is spent and at least
+    ``MIN_TIMED`` images are done: only the first ``len(run.seconds)`` of ``timed`` are searched.
+    """
     for _ in range(WARMUP):  # one warm-up is enough when a search takes seconds
         t0 = time.perf_counter()
         search(test[timed[0]])
         if time.perf_counter() - t0 > 1.0:
             break
-    run = Run([], [], [], np.full(len(test), np.nan), [])
+    run = Run([], [], [], np.full(len(test), np.nan), [], [])
     for i in timed:
         t0 = time.perf_counter()
         d2, nn = search(test[i])
@@ -220,6 +239,9 @@ def run_index(search: Search, test: np.ndarray, timed: np.ndarray, rest: np.ndar
         run.scores[i] = float(np.sqrt(d2.max()))
         if scorer is not None:
             run.refined.append(scorer.refined_last)
+            run.approx.append(getattr(scorer, "approx_last", 0))
+        if budget is not None and len(run.seconds) >= MIN_TIMED and sum(run.seconds) > budget:
+            break
     for i in rest if rest is not None else ():
         d2, _ = search(test[i])
         run.scores[i] = float(np.sqrt(d2.max()))
@@ -227,8 +249,10 @@ def run_index(search: Search, test: np.ndarray, timed: np.ndarray, rest: np.ndar
 
 
 def recall_at_1(run: Run, ref: Run) -> float:
+    """Share of the patches of the reference's images whose NN is the reference's (or as near)."""
     hits = total = 0
-    for d2, nn, rd2, rnn in zip(run.d2, run.nn, ref.d2, ref.nn, strict=True):
+    k = len(ref.d2)  # the reference may have covered only the first images (its time budget)
+    for d2, nn, rd2, rnn in zip(run.d2[:k], run.nn[:k], ref.d2, ref.nn, strict=True):
         d, rd = np.sqrt(d2), np.sqrt(rd2)
         hits += int(((nn == rnn) | (np.abs(d - rd) <= TIE_RTOL * np.maximum(rd, 1e-12))).sum())
         total += nn.size
@@ -273,21 +297,14 @@ def ours_scorer(bank: np.ndarray, hnsw: faiss.Index, pool: np.ndarray, grid: tup
         assign[j] = nn[:, 0]
         dmax = max(dmax, float(d2.max()))
     t1 = time.perf_counter()
-    scorer = create("patchcore", {"index": "flat", "candidates": "positional", "shortlist": 64,
-                                  "shortlist_radius": 1, "reweight": False})
-    scorer.shortlist = build_shortlists(assign, grid, scorer.config.shortlist, scorer.config.shortlist_radius)
+    scorer = create("patchcore", {"index": "flat", "candidates": "positional", "shortlist_radius": 1,
+                                  "reweight": False})
+    shortlist = build_shortlists(assign, grid, scorer.config.shortlist, scorer.config.shortlist_radius)
     t2 = time.perf_counter()
-    scorer.index = build_index(bank, scorer.config)  # whatever exact index the library uses for "flat"
-    t3 = time.perf_counter()
-    scorer.bank = bank
-    scorer.valid = None
+    scorer.set_bank(bank, shortlist)  # the library's own wiring: exact index, HNSW stage, k-NN graph
     scorer.coverage_radius = float(np.sqrt(max(dmax, 0.0)))  # approximate (hnsw); search does not use it
-    parts = {"index_add_s": round(t3 - t2, 3), "assign_search_s": round(t1 - t0, 3),
-             "shortlists_s": round(t2 - t1, 3)}
-    # Any further state the scorer's search uses (a bank k-NN graph, in some versions) is built the way fit does.
-    if hasattr(scorer, "graph") and hasattr(patchcore, "build_graph"):
-        scorer.graph = patchcore.build_graph(bank, scorer.config.graph_degree)
-        parts["graph_s"] = round(time.perf_counter() - t3, 3)
+    parts = {"assign_search_s": round(t1 - t0, 3), "shortlists_s": round(t2 - t1, 3),
+             "index_hnsw_graph_s": round(time.perf_counter() - t2, 3)}
     return scorer, parts
 
 
@@ -312,16 +329,19 @@ def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.
     # -- flat: the exact reference on the timed images (and on all of them when affordable)
     flat, meta = built("flat")
     info["flat"] = {**meta, "params": {}}
-    runs["flat"] = run_index(faiss_search(flat), test, timed, None)
-    est = float(np.median(runs["flat"].seconds)) * len(others)
+    runs["flat"] = run_index(faiss_search(flat), test, timed, None, budget=args.reference_budget)
+    covered = len(runs["flat"].seconds)
+    info["flat"]["reference_images"] = covered
+    missing = np.flatnonzero(np.isnan(runs["flat"].scores))
+    est = float(np.median(runs["flat"].seconds)) * len(missing)
     if est <= args.flat_test_budget:
-        for i in others:
+        for i in missing:
             runs["flat"].scores[i] = float(np.sqrt(faiss_search(flat)(test[i])[0].max()))
         info["flat"]["test_images"] = len(test)
     else:
-        info["flat"]["test_images"] = len(timed)
+        info["flat"]["test_images"] = covered
         info["flat"]["note"] = f"whole test set skipped (~{est:.0f} s estimated); exact scores from ours"
-    log(f"n={n:,}: flat {np.median(runs['flat'].seconds) * 1e3:.1f} ms/image")
+    log(f"n={n:,}: flat {np.median(runs['flat'].seconds) * 1e3:.1f} ms/image on {covered} images")
     del flat
     gc.collect()
 
@@ -339,16 +359,16 @@ def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.
     del hnsw
     gc.collect()
     runs["ours"] = run_index(scorer.nearest, test, timed, others, scorer)
-    extra = getattr(scorer, "graph", None)
-    ours_mb = (index_bytes(scorer.index) + scorer.bank.nbytes + scorer.shortlist.nbytes
-               + (extra.nbytes if extra is not None else 0)) / 2**20
+    ours_mb = scorer_bytes(scorer) / 2**20
     info["ours"] = {"build_s": round(sum(parts.values()), 3),
                     "build_parts": {**parts, "hnsw_build_s_not_counted": info["hnsw16"]["build_s"]},
                     "index_mb": ours_mb, "faiss": type(scorer.index).__name__, "test_images": len(test),
                     "params": {"shortlist": 64, "radius": 1, "shortlist_images": len(shortlist_imgs),
                                "assignment": "hnsw M=32 efSearch 64", "scorer_config": dict(scorer.config.__dict__)},
                     "refined_patches": {"median": float(np.median(runs["ours"].refined)),
-                                        "max": int(max(runs["ours"].refined))}}
+                                        "max": int(max(runs["ours"].refined))},
+                    "approx_searched_patches": {"median": float(np.median(runs["ours"].approx)),
+                                                "max": int(max(runs["ours"].approx))}}
     _, s_ours = scorer.score(test[timed[0]])  # the scorer's own image score agrees with nearest()'s
     if s_ours != runs["ours"].scores[timed[0]]:
         raise SystemExit(f"n={n}: PatchCore.score gives {s_ours} but sqrt(max(nearest)) gives "
@@ -384,7 +404,8 @@ def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.
         lat_err = rel_errors(r.scores[timed], ref.scores[timed])
         test_err = rel_errors(r.scores, exact)
         auroc = image_auroc(labels, r.scores) if not np.isnan(r.scores).any() else auroc_exact
-        row = {"n": n, "index": name, **info[name], **stats_ms(r.seconds),
+        row = {"n": n, "index": name, **info[name], **stats_ms(r.seconds), "latency_images": len(timed),
+               "timed_images": len(r.seconds),
                "recall_at_1": round(recall_at_1(r, ref), 5),
                "score_rel_err_mean": float(lat_err.mean()), "score_rel_err_max": float(lat_err.max()),
                "test_score_rel_err_mean": float(test_err.mean()), "test_score_rel_err_max": float(test_err.max()),
@@ -399,6 +420,8 @@ def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.
 # --------------------------------------------------------------------------------------------- outputs
 def params_text(row: dict) -> str:
     p = row["params"]
+    if row["index"] == "flat" and row["reference_images"] < row["latency_images"]:
+        return f"timed on {row['reference_images']} images (budget)"
     if row["index"] == "ivf":
         return f"{p['nlist']} lists"
     if row["index"] == "ours":
@@ -437,14 +460,16 @@ def write_markdown(path: Path, result: dict) -> None:
                      f"| {r['score_rel_err_mean']:.2e} | {r['score_rel_err_max']:.2e} | {auroc} | {delta} |")
     lines += [
         "",
-        "Score errors: relative error of the image score (max patch NN distance) against `flat`, on the latency "
-        "images. AUROC for `flat` is computed on the whole test set when that was affordable; otherwise (†) the "
-        "exact AUROC comes from `ours`, whose image scores were checked equal to `flat`'s on the latency images "
+        "Score errors and recall@1: against `flat`, on the latency images it covered within its time budget "
+        "(`reference_images` in the JSON); score = max patch NN distance. AUROC for `flat` is computed on the "
+        "whole test set when that was affordable; otherwise (†) the exact AUROC comes from `ours`, whose image "
+        "scores were checked equal to `flat`'s on those latency images "
         f"(relative difference ≤ {EXACT_RTOL:g}; see `exact_check` in the JSON). `ours` searches exactly in the "
         "index `build_index` makes for `index=\"flat\"` (class in the parameters column); its build time is that "
-        "index plus the shortlists (HNSW assignment search + `build_shortlists`) plus the bank graph when the "
-        "scorer has one, not the HNSW build it borrowed; its memory is that index plus the scorer's float32 bank "
-        "copy, the shortlists and the graph. Its recall@1 is over "
+        "index, the shortlists (HNSW assignment search + `build_shortlists`) and whatever else `fit` builds "
+        "after the coreset in this version (own HNSW, bank graph; see `build_parts`), not the benchmark's HNSW "
+        "it borrowed for the assignment; its memory is every index and array the scorer holds (float32 bank "
+        "copy included). Its recall@1 is over "
         "all patches: only the patches that can decide the image score are searched exactly (`exact-searched`); "
         "the others keep the shortlist's upper bound, so a low recall there is by design.",
         "",
@@ -465,7 +490,10 @@ def plot(out: Path, result: dict) -> None:
         pts = [(r["n"], r["median_ms"]) for r in rows if r["index"] == name]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[name])
-    ax.axhline(bb, color="k", ls="--", lw=1, label=f"backbone only ({bb:.1f} ms)")
+    ax.axhline(bb, color="k", ls="--", lw=1, label=f"backbone only ({bb:.1f} ms, at start)")
+    drift = sorted({(r["n"], r["backbone_median_ms_same_size"]) for r in rows if "backbone_median_ms_same_size" in r})
+    if drift:
+        ax.plot(*zip(*drift, strict=True), color="k", ls=":", marker="x", lw=1, label="backbone only, at each size")
     ax.set(xscale="log", yscale="log", xlabel="bank size (patches)", ylabel="search latency per image, median (ms)",
            title=f"NN search, {result['settings']['patches_per_image']} queries/image, "
                  f"{result['settings']['threads']} threads")
@@ -512,6 +540,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-images", type=int, default=30)
     p.add_argument("--shortlist-images", type=int, default=100, help="training images the shortlists come from")
+    p.add_argument("--reference-budget", type=float, default=300.0,
+                   help="seconds flat may spend on the latency images (at least 5 are done); recall and score "
+                        "errors use the images it covered")
     p.add_argument("--flat-test-budget", type=float, default=60.0,
                    help="seconds flat may take on the rest of the test set; beyond, exact scores come from ours")
     p.add_argument("--bundle", type=Path, help="reuse this bundle's preprocessing and backbone instead of fitting")
@@ -541,7 +572,8 @@ def main() -> None:
     grid = (t_count, h, w)
     labels = np.array([s.label == "defect" for s in test])
     timed = np.sort(rng.choice(len(test), min(args.latency_images, len(test)), replace=False))
-    backbone = backbone_reference(engine, [test[i] for i in timed])
+    latency_samples = [test[i] for i in timed]
+    backbone = backbone_reference(engine, latency_samples)
     log(f"features: train {train_s:.0f} s ({pool.nbytes / 2**20:.0f} MB float16), test {test_s:.0f} s; "
         f"backbone alone {backbone['median_ms']:.1f} ms")
 
@@ -554,6 +586,7 @@ def main() -> None:
                      "train_images": len(train), "train_patches": int(pool.shape[0] * pool.shape[1]),
                      "test_images": len(test), "latency_images": len(timed),
                      "shortlist_images": args.shortlist_images, "flat_test_budget_s": args.flat_test_budget,
+                     "reference_budget_s": args.reference_budget,
                      "seed": args.seed, "bank": "uniform random sample of training patches (seeded)",
                      "feature_seconds": {"train": round(train_s, 1), "test": round(test_s, 1)},
                      "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
@@ -565,7 +598,10 @@ def main() -> None:
             log(f"n={n:,}: more than the {pool.shape[0] * pool.shape[1]:,} training patches; skipped")
             continue
         t0 = time.perf_counter()
-        result["rows"] += measure_size(n, pool, grid, test_feats, labels, timed, args, rng)
+        size_rng = np.random.default_rng([args.seed, n])  # each size's bank is the same whatever --sizes lists
+        backbone_now = backbone_reference(engine, latency_samples)["median_ms"]  # load on shared cores drifts
+        rows = measure_size(n, pool, grid, test_feats, labels, timed, args, size_rng)
+        result["rows"] += [{**r, "backbone_median_ms_same_size": backbone_now} for r in rows]
         log(f"n={n:,}: done in {time.perf_counter() - t0:.0f} s")
         result["seconds_total"] = round(time.perf_counter() - t_start, 1)
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)

@@ -54,6 +54,7 @@ def run(cmd: list[str], log: Path) -> None:
 def step(out: Path, name: str, cmd: list[str], fresh: bool) -> dict:
     """Run ``cmd`` unless ``out`` already exists; return its JSON."""
     if fresh or not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
         run(cmd, out.parent / f"{name}.log")
     return json.loads(out.read_text())
 
@@ -222,7 +223,7 @@ def main() -> None:
     p.add_argument("--skip-peer", action="store_true", help="only our side (no anomalib venv needed)")
     p.add_argument("--fresh", action="store_true", help="rerun every step even if its output exists")
     args = p.parse_args()
-    args.data = args.data.resolve()
+    args.data, args.out = args.data.resolve(), args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_peer and not PEER_PY.exists():
         raise SystemExit(f"{PEER_PY} not found: run bench/setup_anomalib.sh first (or pass --skip-peer)")

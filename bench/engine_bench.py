@@ -27,12 +27,12 @@ from machine import describe, one_line  # noqa: E402
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "patchcore_256sq": ("patchcore", ["--height", "256", "--width", "256", "--coreset-ratio", "0.01"]),
     "patchcore_50k": ("patchcore", ["--height", "256", "--coreset-ratio", "0.04"]),
-    "patchcore_tiled": ("patchcore", ["--height", "448", "--tile", "224x288", "--overlap", "16",
+    "patchcore_tiled": ("patchcore", ["--height", "448", "--tile", "240x288", "--overlap", "16",
                                       "--coreset-ratio", "0.005"]),
     "padim_256sq": ("padim", ["--height", "256", "--width", "256"]),
     "padim_256": ("padim", ["--height", "256"]),
     "padim_320": ("padim", ["--height", "320"]),
-    "padim_tiled": ("padim", ["--height", "448", "--tile", "224x288", "--overlap", "16"]),
+    "padim_tiled": ("padim", ["--height", "448", "--tile", "240x288", "--overlap", "16"]),
 }
 
 

@@ -33,6 +33,18 @@ from appliance.training import FitOptions, fit
 from appliance.types import Frame
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def contention(cpu: float, wall: float, threads: int) -> dict:
+    """Load average now and the CPU share this process got (well below 1: another process competed)."""
+    return {"load_average": [round(v, 2) for v in os.getloadavg()],
+            "cpu_share": round(cpu / max(wall * threads, 1e-9), 3)}
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -78,9 +90,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
                          tile=tile, overlap=args.overlap, precision=args.precision, threads=args.threads,
                          cache_dir=str(args.workdir / "cache"))
     args.workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     report = fit(ds, args.workdir / "bundle", options)
     total = time.perf_counter() - t0
+    load = contention(cpu_seconds() - c0, total, args.threads)
     m = report.engine.manifest
     stats = {
         "model": args.model, "framework": "ours", "machine": describe(),
@@ -90,6 +103,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         "command_seconds": round(total, 3),
         "fit_detail": m["training"]["fit"],
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "contention": load,
         "sizes_bytes": {"bundle": dir_bytes(args.workdir / "bundle"),
                         "bundle_scorer": dir_bytes(args.workdir / "bundle" / "scorer"),
                         "bundle_backbone": dir_bytes(args.workdir / "bundle" / "backbone")},
@@ -119,6 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     for img in images[: args.warmup]:
         engine.anomaly_map(engine.predict(img).score, normalised=False, in_source=False)
     latencies, maps, records, backbone_ms, scorer_ms = [], [], [], [], []
+    t_loop, c_loop = time.perf_counter(), cpu_seconds()
     for img, s in zip(images, samples, strict=True):
         t0 = time.perf_counter()
         pred = engine.predict(img)
@@ -130,6 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         records.append({"path": str(s.path.relative_to(args.data.resolve())), "label": s.label,
                         "defect_type": s.defect_type, "score": pred.score.image_score,
                         "latency_ms": round(latencies[-1], 3)})
+    load = contention(cpu_seconds() - c_loop, time.perf_counter() - t_loop, args.threads)
     # Backbone alone (the floor): the same preprocessed batch through the compiled model.
     batch = engine.preprocessor.tiles(images[0]).copy()
     floor = []
@@ -153,6 +169,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                      "precision": engine.backbone.precision,
                      "timed_call": "engine.predict(array) + engine.anomaly_map(model resolution)"},
         "latency": latency_stats(latencies),
+        "latency_loop_contention": load,
         "backbone_in_pipeline": latency_stats(backbone_ms),
         "scorer": latency_stats(scorer_ms),
         "backbone_only": latency_stats(floor),

@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import config
+from ._common import sq_dist
 
 _F = config.FASTMATH
 _C = config.CACHE
@@ -33,16 +34,13 @@ _C = config.CACHE
 )
 def _update_all(x, centre, min_d2, assign, label, chunk_arg, chunk_max):  # pragma: no cover - compiled
     """min_d2 = min(min_d2, |x - centre|^2) for every row; per-chunk argmax of the result."""
-    n, d = x.shape
+    n = x.shape[0]
     n_chunks = chunk_max.shape[0]
     step = (n + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         best, arg = np.float32(-1.0), -1
         for i in range(c * step, min(n, (c + 1) * step)):
-            s = np.float32(0.0)
-            for j in range(d):
-                t = x[i, j] - centre[j]
-                s += t * t
+            s = sq_dist(x[i], centre)
             if s < min_d2[i]:
                 min_d2[i] = s
                 assign[i] = label
@@ -70,16 +68,11 @@ def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, d
     groups with ``e - r_g >= D_g`` are skipped, and in the others only the rows whose ``dc``
     lies in ``(e - D_g, e + D_g)`` (a binary search) are looked at.
     """
-    d = x.shape[1]
     for g in prange(centres.shape[0]):
         lo, hi = offsets[g], offsets[g + 1]
         if lo == hi:
             continue
-        s = np.float32(0.0)
-        for j in range(d):
-            t = centres[g, j] - centre[j]
-            s += t * t
-        e = np.sqrt(s)
+        e = np.sqrt(sq_dist(centres[g], centre))
         reach = np.sqrt(max(group_max2[g], np.float32(0.0))) * (1 + _SLACK) + np.float32(1e-6)
         if e - radius[g] >= reach:
             continue
@@ -91,10 +84,7 @@ def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, d
             bound = e - dc[i]
             if bound * bound > min_d2[i] * (1 + _SLACK) + np.float32(1e-6):
                 continue
-            s = np.float32(0.0)
-            for j in range(d):
-                t = x[i, j] - centre[j]
-                s += t * t
+            s = sq_dist(x[i], centre)
             if s < min_d2[i]:
                 min_d2[i] = s
                 assign[i] = label
@@ -113,14 +103,9 @@ def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, d
 @njit("void(float32[:, ::1], float32[:, ::1], int64[::1], float32[::1])", parallel=True, fastmath=_F, cache=_C)
 def _centre_distances(x, centres, offsets, dc):  # pragma: no cover - compiled
     """dc[i] = distance of row i to the centre of its group."""
-    d = x.shape[1]
     for g in prange(centres.shape[0]):
         for i in range(offsets[g], offsets[g + 1]):
-            s = np.float32(0.0)
-            for j in range(d):
-                t = x[i, j] - centres[g, j]
-                s += t * t
-            dc[i] = np.sqrt(s)
+            dc[i] = np.sqrt(sq_dist(x[i], centres[g]))
 
 
 def _project(features: np.ndarray, rows: np.ndarray | None, matrix: np.ndarray, out: np.ndarray) -> None:

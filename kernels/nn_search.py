@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import config
+from ._common import gather_position, sq_dist
 
 _F = config.FASTMATH
 _C = config.CACHE
@@ -27,19 +28,14 @@ def _shortlist_nn(x, bank, shortlist, dist2, nearest):  # pragma: no cover - com
     t_count, c_count, p_count = x.shape
     n_cand = shortlist.shape[1]
     for q in prange(t_count * p_count):
-        t, p = q // p_count, q % p_count
         v = np.empty(c_count, np.float32)
-        for c in range(c_count):
-            v[c] = x[t, c, p]
+        gather_position(x, q, v)
         best, arg = np.float32(np.inf), np.int32(-1)
         for m in range(n_cand):
             row = shortlist[q, m]
             if row < 0:
                 break
-            s = np.float32(0.0)
-            for c in range(c_count):
-                diff = v[c] - bank[row, c]
-                s += diff * diff
+            s = sq_dist(v, bank[row])
             if s < best:
                 best, arg = s, row
         dist2[q] = best
@@ -95,10 +91,8 @@ def _graph_descent(x, bank, graph, dist2, nearest, max_steps):  # pragma: no cov
     t_count, c_count, p_count = x.shape
     degree = graph.shape[1]
     for q in prange(t_count * p_count):
-        t, p = q // p_count, q % p_count
         v = np.empty(c_count, np.float32)
-        for c in range(c_count):
-            v[c] = x[t, c, p]
+        gather_position(x, q, v)
         best, arg = dist2[q], nearest[q]
         for _ in range(max_steps):
             start = arg
@@ -106,10 +100,7 @@ def _graph_descent(x, bank, graph, dist2, nearest, max_steps):  # pragma: no cov
                 row = graph[start, m]
                 if row < 0:
                     break
-                s = np.float32(0.0)
-                for c in range(c_count):
-                    diff = v[c] - bank[row, c]
-                    s += diff * diff
+                s = sq_dist(v, bank[row])
                 if s < best:
                     best, arg = s, row
             if arg == start:

@@ -264,7 +264,7 @@ def test_load_state_refuses_inconsistent_arrays(patchcore: PatchCore, padim: Pad
 
     small = faiss.IndexHNSWFlat(152, 8)
     small.add(patchcore.bank[:10])
-    with pytest.raises(ScorerError, match="does not hold the stored bank"):
+    with pytest.raises(ScorerError, match="FAISS index holds 10 rows, the bank"):
         hnsw.load_state(arrays | {"faiss_index": faiss.serialize_index(small)}, meta)
     arrays, meta = padim.state()
     with pytest.raises(ScorerError, match="do not match their recorded shapes"):

@@ -102,9 +102,10 @@ class PatchCoreConfig:
 def build_index(bank: np.ndarray, config: PatchCoreConfig) -> faiss.Index:
     """The FAISS index the config asks for, holding ``bank``.
 
-    Bank rows are float16 values (features are kept in float16 from extraction on), so
-    every index stores them as float16 scalars: lossless, and half the memory traffic,
-    which is what bounds an exhaustive search (about 2x faster than ``IndexFlatL2``).
+    Bank rows are float16 values (features are kept in float16 from extraction on), so the
+    indexes store them as float16 scalars: lossless, and half the memory traffic. For the
+    exact index that pays off when few patches are searched at a time (the certified
+    search); for whole images (``candidates="none"``) ``IndexFlatL2``'s BLAS path is faster.
     """
     n, d = bank.shape
     fp16 = faiss.ScalarQuantizer.QT_fp16
@@ -117,6 +118,8 @@ def build_index(bank: np.ndarray, config: PatchCoreConfig) -> faiss.Index:
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, lists, fp16, faiss.METRIC_L2, False)
         index.train(bank)  # by_residual=False above: rows are stored as they are, so distances stay exact
         index.nprobe = config.nprobe
+    elif config.candidates == "none":
+        index = faiss.IndexFlatL2(d)
     else:
         index = faiss.IndexScalarQuantizer(d, fp16, faiss.METRIC_L2)
     index.add(bank)
@@ -138,9 +141,11 @@ def build_graph(bank: np.ndarray, hnsw: faiss.Index, degree: int) -> np.ndarray:
     if degree == 0 or n < 2:
         return graph
     _, nn = hnsw.search(bank, min(degree + 1, n))
-    for i in range(n):
-        row = nn[i][(nn[i] != i) & (nn[i] >= 0)][:degree]
-        graph[i, : row.size] = row
+    keep = (nn != np.arange(n)[:, None]) & (nn >= 0)  # drop each row itself and missing results
+    first = np.argsort(~keep, axis=1, kind="stable")[:, :degree]  # kept columns first, in rank order
+    picked = np.take_along_axis(nn, first, 1)
+    ok = np.take_along_axis(keep, first, 1)
+    graph[:, : picked.shape[1]] = np.where(ok, picked, -1)
     return graph
 
 
@@ -226,23 +231,51 @@ class PatchCore(Scorer):
         selected, assign = greedy_coreset(buf, k, projection_dim=self.config.projection_dim,
                                           seed=self.config.seed, return_assignment=True)
         t2 = time.perf_counter()
-        self.bank = buf[selected].astype(np.float32)  # float16 values: the index stores them losslessly
-        self.valid = None if valid is None else valid.astype(bool)
         full_assign = np.full((count, t * h * w), -1, np.int32)
         full_assign[:, keep] = assign.reshape(count, per_image)
-        self.shortlist = build_shortlists(full_assign, grid, self.config.shortlist, self.config.shortlist_radius)
-        self.index = build_index(self.bank, self.config)
+        shortlist = build_shortlists(full_assign, grid, self.config.shortlist, self.config.shortlist_radius)
+        self.set_bank(buf[selected], shortlist, valid)
         t3 = time.perf_counter()
-        self.hnsw = build_hnsw(self.bank, self.config.ef_search)
-        self.graph = build_graph(self.bank, self.hnsw, self.config.graph_degree)
         rng = np.random.default_rng(self.config.seed)
         sample = buf[rng.choice(len(buf), min(len(buf), _COVERAGE_SAMPLE), replace=False)].astype(np.float32)
         d2, _ = self.index.search(sample, 1)
         self.coverage_radius = float(np.sqrt(max(float(d2.max()), 0.0)))
         return {"images": count, "patches": len(buf), "bank": k, "collect_s": round(t1 - t0, 3),
                 "coreset_s": round(t2 - t1, 3), "index_s": round(t3 - t2, 3),
-                "graph_s": round(time.perf_counter() - t3, 3),
                 "coverage_radius": round(self.coverage_radius, 4)}
+
+    def set_bank(self, bank: np.ndarray, shortlist: np.ndarray, valid: np.ndarray | None = None, *,
+                 index: faiss.Index | None = None, hnsw: faiss.Index | None = None,
+                 graph: np.ndarray | None = None) -> None:
+        """Install a memory bank and build whatever search structure is not given.
+
+        The one place that ties bank, shortlists, FAISS index, HNSW and k-NN graph together
+        (fit, bundle loading and benchmarks all come through here).
+
+        Args:
+            bank: ``[B, C]`` rows (rounded to float16 values, which the indexes store losslessly).
+            shortlist: ``[positions, L]`` int32 bank rows per patch position.
+            valid: ``[T, h, w]`` bool valid-patch mask, or ``None``.
+            index: the exact (or configured approximate) FAISS index over ``bank``.
+            hnsw: the HNSW index over ``bank`` used by the certified search.
+            graph: ``[B, K]`` int32 k-NN graph of the bank.
+
+        """
+        self.bank = np.ascontiguousarray(np.asarray(bank).astype(np.float16).astype(np.float32))
+        self.shortlist = np.ascontiguousarray(shortlist, np.int32)
+        self.valid = None if valid is None else np.asarray(valid, bool)
+        self.index = index if index is not None else build_index(self.bank, self.config)
+        self.hnsw = hnsw if hnsw is not None else build_hnsw(self.bank, self.config.ef_search)
+        self.graph = (np.ascontiguousarray(graph, np.int32) if graph is not None
+                      else build_graph(self.bank, self.hnsw, self.config.graph_degree))
+        for name, ntotal in (("FAISS index", self.index.ntotal), ("HNSW index", self.hnsw.ntotal),
+                             ("graph", self.graph.shape[0])):
+            if ntotal != self.bank.shape[0]:
+                raise ScorerError(f"PatchCore {name} holds {ntotal} rows, the bank {self.bank.shape[0]}")
+        if self.index.d != self.bank.shape[1]:
+            raise ScorerError("the FAISS index's dimension differs from the bank's")
+        if self.shortlist.size and self.shortlist.max() >= self.bank.shape[0]:
+            raise ScorerError("PatchCore shortlists point past the bank")
 
     # ---------------------------------------------------------------- scoring
     def _queries(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -396,31 +429,18 @@ class PatchCore(Scorer):
         bank, shortlist = arrays["bank"], arrays["shortlist"]
         if bank.shape != (meta["bank"], meta["dim"]) or shortlist.shape[0] != meta["positions"]:
             raise ScorerError("PatchCore state arrays do not match their recorded shapes")
-        self.bank = np.ascontiguousarray(bank, np.float32)
-        self.shortlist = np.ascontiguousarray(shortlist, np.int32)
-        graph = arrays.get("graph", np.zeros((bank.shape[0], 0), np.int32))  # bundles without a graph still load
-        self.graph = np.ascontiguousarray(graph, np.int32)
-        if self.graph.shape[0] != self.bank.shape[0]:
-            raise ScorerError("PatchCore graph does not match the bank")
-        self.valid = arrays.get("valid")
         self.coverage_radius = float(meta["coverage_radius"])
+        index = hnsw = None
         if "faiss_index" in arrays:
-            self.index = faiss.deserialize_index(np.ascontiguousarray(arrays["faiss_index"]))
+            index = faiss.deserialize_index(np.ascontiguousarray(arrays["faiss_index"]))
             if self.config.index == "hnsw":
-                self.index.hnsw.efSearch = self.config.ef_search
+                index.hnsw.efSearch = self.config.ef_search
             elif self.config.index == "ivf":
-                faiss.extract_index_ivf(self.index).nprobe = self.config.nprobe
-        else:
-            self.index = build_index(self.bank, self.config)
+                faiss.extract_index_ivf(index).nprobe = self.config.nprobe
         if "hnsw_index" in arrays:
-            self.hnsw = faiss.deserialize_index(np.ascontiguousarray(arrays["hnsw_index"]))
-            self.hnsw.hnsw.efSearch = self.config.ef_search
-        else:
-            self.hnsw = build_hnsw(self.bank, self.config.ef_search)
-        if self.hnsw.ntotal != self.bank.shape[0]:
-            raise ScorerError("the stored HNSW index does not hold the stored bank")
-        if self.index.ntotal != self.bank.shape[0] or self.index.d != self.bank.shape[1]:
-            raise ScorerError("the stored FAISS index does not hold the stored bank")
+            hnsw = faiss.deserialize_index(np.ascontiguousarray(arrays["hnsw_index"]))
+            hnsw.hnsw.efSearch = self.config.ef_search
+        self.set_bank(bank, shortlist, arrays.get("valid"), index=index, hnsw=hnsw, graph=arrays.get("graph"))
 
     def warm_up(self, shape: tuple[int, ...]) -> None:
         """Score zeros once so kernels are loaded before the first frame."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from appliance_kernels.nn_search import shortlist_nn, shortlist_nn_reference
+from appliance_kernels.nn_search import graph_descent, graph_descent_reference, shortlist_nn, shortlist_nn_reference
 
 
 def problem(t: int, c: int, p: int, b: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,3 +110,47 @@ def test_empty_shortlist_width_is_refused() -> None:
     x, bank, _ = problem(1, 8, 10, 30, 4, seed=7)
     with pytest.raises(ValueError, match="at least one candidate"):
         shortlist_nn(x, bank, np.zeros((10, 0), np.int32))
+
+
+def knn_graph(bank: np.ndarray, degree: int) -> np.ndarray:
+    """Exact k-NN graph of the bank rows (self excluded), int32."""
+    d = ((bank[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return np.argsort(d, axis=1)[:, :degree].astype(np.int32)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_graph_descent_matches_reference_and_only_tightens(steps: int) -> None:
+    x, bank, shortlist = problem(2, 16, 60, 300, 3, seed=7)
+    graph = knn_graph(bank, 8)
+    d2, nearest = shortlist_nn(x, bank, shortlist)
+    before = d2.copy()
+    ref_d2, ref_nn = graph_descent_reference(x, bank, graph, d2, nearest, steps)
+    graph_descent(x, bank, graph, d2, nearest, steps)
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(nearest, ref_nn)
+    assert (d2 <= before).all() and (d2 < before).any()  # bounds only get tighter, and some do
+    # Still true distances to the rows it names, hence upper bounds of the exact nearest distance.
+    np.testing.assert_allclose(d2, ((queries(x) - bank[nearest]) ** 2).sum(1), rtol=1e-5, atol=1e-5)
+    exact = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1).min(1)
+    assert (d2 >= exact * (1 - 1e-5) - 1e-6).all()
+
+
+def test_graph_descent_with_many_steps_reaches_the_exact_neighbour_on_a_well_connected_graph() -> None:
+    x, bank, shortlist = problem(1, 8, 40, 80, 1, seed=3)
+    graph = knn_graph(bank, 79)  # complete graph: one step from anywhere reaches the nearest row
+    d2, nearest = shortlist_nn(x, bank, shortlist)
+    graph_descent(x, bank, graph, d2, nearest, 1)
+    exact = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(nearest, exact.argmin(1))
+
+
+def test_graph_descent_validation() -> None:
+    x, bank, shortlist = problem(1, 8, 10, 20, 2, seed=2)
+    d2, nearest = shortlist_nn(x, bank, shortlist)
+    with pytest.raises(ValueError, match="graph must be"):
+        graph_descent(x, bank, knn_graph(bank, 3).astype(np.int64), d2, nearest)
+    with pytest.raises(ValueError, match="graph rows must index the bank"):
+        graph_descent(x, bank, np.full((20, 3), 25, np.int32), d2, nearest)
+    with pytest.raises(ValueError, match="dist2/nearest"):
+        graph_descent(x, bank, knn_graph(bank, 3), d2[:5], nearest)
