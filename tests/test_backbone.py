@@ -209,14 +209,17 @@ def test_cache_dir_gets_populated(backbone_xml: Path, tmp_path: Path, images: np
 # --- parity with the torch graph it was built from (build time only) ----------------------------------------------
 
 
-def test_ir_matches_torch_on_a_real_image(backbone_xml: Path) -> None:
+@pytest.mark.parametrize("name", ["efficientnet_lite0_patch", "efficientnet_lite0_padim"])
+def test_ir_matches_torch_on_a_real_image(name: str) -> None:
     build = load_build_script()
     import torch
 
+    taps, pool, upsample = build.SHIPPED[name]
+    backbone_xml = next(appliance_models.backbone_dir(name).glob("*.xml"))
     net = build.load_net()
     image = np.ascontiguousarray(cv2.resize(data.chelsea(), (192, 128), interpolation=cv2.INTER_AREA))
     with torch.no_grad():
-        reference = build.PatchEmbedding(net).eval()(torch.from_numpy(image[None])).numpy()
+        reference = build.PatchEmbedding(net, taps, pool, upsample).eval()(torch.from_numpy(image[None])).numpy()
         # The weights are the right ones: the cat is classified as a cat (ImageNet 281-285).
         x = torch.from_numpy(cv2.resize(data.chelsea(), (224, 224)).astype(np.float32)).permute(2, 0, 1)[None]
         assert 281 <= int(net.classify(x * (2 / 255) - 1).argmax()) <= 285
@@ -229,14 +232,14 @@ def test_ir_matches_torch_on_a_real_image(backbone_xml: Path) -> None:
 def test_build_script_reproduces_the_shipped_ir(tmp_path: Path) -> None:
     """``python models/build_backbone.py --out DIR`` (a fresh interpreter, as documented) rebuilds the same bytes."""
     build = load_build_script()
-    out = tmp_path / "rebuilt"
-    done = subprocess.run([sys.executable, str(MODELS / "build_backbone.py"), "--out", str(out)],
+    done = subprocess.run([sys.executable, str(MODELS / "build_backbone.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    shipped = json.loads((MODELS / build.NAME / "backbone.json").read_text())
-    assert json.loads((out / "backbone.json").read_text()) == shipped
-    for name, digest in shipped["files"].items():  # byte-identical .xml and .bin
-        assert build.sha256(out / name) == digest
+    for variant in build.SHIPPED:
+        shipped = json.loads((MODELS / variant / "backbone.json").read_text())
+        assert json.loads((tmp_path / variant / "backbone.json").read_text()) == shipped
+        for name, digest in shipped["files"].items():  # byte-identical .xml and .bin
+            assert build.sha256(tmp_path / variant / name) == digest
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace inside ov.convert_model

@@ -28,6 +28,8 @@ class Scorer(ABC):
     type: ClassVar[str]
     #: The scorer's frozen config dataclass.
     Config: ClassVar[type]
+    #: The shipped backbone whose embedding suits this scorer (see ``models/``).
+    default_backbone: ClassVar[str]
 
     def __init__(self, config: Any) -> None:
         self.config = config

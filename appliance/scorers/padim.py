@@ -56,6 +56,7 @@ class Padim(Scorer):
 
     type = "padim"
     Config = PadimConfig
+    default_backbone = "efficientnet_lite0_padim"  # raw activations, no local averaging, as in PaDiM
 
     def __init__(self, config: PadimConfig) -> None:
         super().__init__(config)

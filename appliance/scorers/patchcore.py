@@ -185,6 +185,7 @@ class PatchCore(Scorer):
 
     type = "patchcore"
     Config = PatchCoreConfig
+    default_backbone = "efficientnet_lite0_patch"  # 3x3 locally aggregated embedding, as in PatchCore
 
     def __init__(self, config: PatchCoreConfig) -> None:
         super().__init__(config)
