@@ -50,6 +50,7 @@ class FitOptions:
         overlap: minimum tile overlap in working pixels.
         roi: ``(x, y, w, h)`` crop in source pixels.
         white_level: 16-bit value that maps to white.
+        interpolation: ``area`` or ``linear`` resampling when shrinking frames.
         valid_mask: path of a source-size mask of the area to inspect (non-zero = inspect).
         precision: backbone precision, ``f32`` or ``bf16``.
         threads: CPU threads (``None``: all).
@@ -68,6 +69,7 @@ class FitOptions:
     overlap: int = 32
     roi: tuple[int, int, int, int] | None = None
     white_level: int | None = None
+    interpolation: str = "area"
     valid_mask: str | None = None
     precision: str = "f32"
     threads: int | None = None
@@ -187,7 +189,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     first = _first_readable(dataset.train)
     source_size = first.shape[:2]
     spec = PreprocessSpec.for_source(source_size, options.height, options.width, options.tile, options.overlap,
-                                     options.roi, options.white_level)
+                                     options.roi, options.white_level, options.interpolation)
     pre = Preprocessor(spec)
     valid_mask = _load_valid_mask(options.valid_mask, source_size)
     plan = plan_tiles(spec)

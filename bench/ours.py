@@ -88,6 +88,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     tile = tuple(int(v) for v in args.tile.lower().split("x")) if args.tile else None
     options = FitOptions(scorer=args.model, settings=_settings(args), height=args.height, width=args.width,
                          tile=tile, overlap=args.overlap, precision=args.precision, threads=args.threads,
+                         interpolation=args.interpolation,
                          cache_dir=str(args.workdir / "cache"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--width", type=int, default=None)
     f.add_argument("--tile", default=None)
     f.add_argument("--overlap", type=int, default=32)
+    f.add_argument("--interpolation", default="area", choices=("area", "linear"))
     f.add_argument("--coreset-ratio", type=float, default=0.01)
     f.add_argument("--k", type=int, default=9)
     f.add_argument("--set", action="append", default=[], help="extra scorer setting key=value")

@@ -8,3 +8,5 @@ CACHE = True
 CORESET_CLUSTERS = 1024
 #: Rows per chunk when streaming a projection, so memory stays bounded.
 CHUNK_ROWS = 65536
+#: Positions processed together by the PaDiM kernels (one AVX-512 register of float32).
+POSITION_BLOCK = 16

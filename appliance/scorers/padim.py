@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from appliance_kernels import config as mk_config
 from appliance_kernels import mahalanobis as mk
 from threadpoolctl import threadpool_limits
 
@@ -24,8 +25,10 @@ from .base import Progress, Scorer, register
 
 #: Positions inverted per chunk (bounds the float64 temporaries).
 _INVERT_CHUNK = 256
-#: Images accumulated per kernel call (each position's accumulators stay in cache across a batch).
+#: Images accumulated per kernel call (each block's accumulators stay in cache across a batch).
 _BATCH = 16
+#: Positions per block of the kernels' interleaved layout.
+_BLOCK = mk_config.POSITION_BLOCK
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ class Padim(Scorer):
     def __init__(self, config: PadimConfig) -> None:
         super().__init__(config)
         self.channels: np.ndarray | None = None
-        self.mean: np.ndarray | None = None
-        self.inv_packed: np.ndarray | None = None
+        self.positions = 0
+        self.mean_blocks: np.ndarray | None = None  # [nb, d, block] (see kernels.mahalanobis.to_blocks)
+        self.inv_blocks: np.ndarray | None = None  # [nb, d(d+1)/2, block]
         self.valid: np.ndarray | None = None
 
     def _choose_channels(self, c: int) -> np.ndarray:
@@ -74,7 +78,7 @@ class Padim(Scorer):
 
     def fit(self, features: Iterable[np.ndarray], n_images: int, valid: np.ndarray | None = None,
             progress: Progress | None = None) -> dict:
-        """Accumulate per-position moments image by image, then invert the covariances."""
+        """Accumulate per-position moments batch by batch, then invert the covariances."""
         t0 = time.perf_counter()
         sums = outer = batch = None
         count = filled = 0
@@ -83,8 +87,10 @@ class Padim(Scorer):
             if sums is None:
                 self.channels = self._choose_channels(c)
                 d = self.channels.size
-                sums = np.zeros((t * h * w, d), np.float64)
-                outer = np.zeros((t * h * w, mk.packed_size(d)), np.float64)
+                self.positions = t * h * w
+                nb = -(-self.positions // _BLOCK)
+                sums = np.zeros((nb, d, _BLOCK), np.float64)
+                outer = np.zeros((nb, mk.packed_size(d), _BLOCK), np.float64)
                 batch = np.empty((_BATCH, t, c, h * w), np.float32)
                 shape = x.shape
             elif x.shape != shape:
@@ -92,45 +98,50 @@ class Padim(Scorer):
             batch[filled] = x.reshape(t, c, h * w)
             filled += 1
             if filled == _BATCH:
-                mk.accumulate_moments(batch, self.channels, sums, outer)
+                mk.accumulate_moments(batch, self.channels, sums, outer, positions=self.positions)
                 filled = 0
             count += 1
             if progress:
                 progress(count, n_images)
         if filled:
-            mk.accumulate_moments(np.ascontiguousarray(batch[:filled]), self.channels, sums, outer)
+            mk.accumulate_moments(np.ascontiguousarray(batch[:filled]), self.channels, sums, outer,
+                                  positions=self.positions)
         if count < 2:
             raise ScorerError(f"PaDiM needs at least 2 training images, got {count}")
         t1 = time.perf_counter()
         d = self.channels.size
-        mean = sums / count
-        self.mean = mean.astype(np.float32)
-        self.inv_packed = np.empty((mean.shape[0], mk.packed_size(d)), np.float32)
+        mean = sums / count  # [nb, d, block]
+        inv = np.empty(outer.shape, np.float32)
         eye = np.eye(d) * self.config.ridge
+        chunk = max(1, _INVERT_CHUNK // _BLOCK)
 
-        def invert(lo: int) -> None:
-            hi = min(mean.shape[0], lo + _INVERT_CHUNK)
-            cov = mk.unpack_upper(outer[lo:hi], d) / count
-            cov -= mean[lo:hi, :, None] * mean[lo:hi, None, :]
+        def invert(b0: int) -> None:
+            b1 = min(mean.shape[0], b0 + chunk)
+            m = mk.from_blocks(mean[b0:b1], (b1 - b0) * _BLOCK)
+            cov = mk.unpack_upper(mk.from_blocks(outer[b0:b1], (b1 - b0) * _BLOCK), d) / count
+            cov -= m[:, :, None] * m[:, None, :]
             cov *= count / (count - 1)
             cov += eye
-            self.inv_packed[lo:hi] = mk.pack_upper(np.linalg.inv(cov))
+            inv[b0:b1] = mk.to_blocks(mk.pack_upper(np.linalg.inv(cov)).astype(np.float32))
 
         # Many small inversions: single-threaded BLAS per chunk, chunks in parallel (LAPACK releases the GIL).
+        # Padding positions past the last have all-zero moments; with the ridge they invert harmlessly.
         with threadpool_limits(1), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            list(pool.map(invert, range(0, mean.shape[0], _INVERT_CHUNK)))
+            list(pool.map(invert, range(0, mean.shape[0], chunk)))
+        self.mean_blocks = mean.astype(np.float32)
+        self.inv_blocks = inv
         self.valid = None if valid is None else valid.astype(bool)
-        return {"images": count, "positions": int(mean.shape[0]), "channels": int(d),
+        return {"images": count, "positions": int(self.positions), "channels": int(d),
                 "moments_s": round(t1 - t0, 3), "invert_s": round(time.perf_counter() - t1, 3)}
 
     def score(self, features: np.ndarray) -> tuple[np.ndarray, float]:
         """Mahalanobis distance at every position; the image score is the maximum."""
-        if self.mean is None:
+        if self.mean_blocks is None:
             raise ScorerError("PaDiM scorer used before fit or load")
         t, c, h, w = features.shape
         x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
         try:
-            dist = mk.mahalanobis(x, self.channels, self.mean, self.inv_packed)
+            dist = mk.mahalanobis_blocked(x, self.channels, self.mean_blocks, self.inv_blocks, self.positions)
         except ValueError as exc:
             raise ScorerError(f"PaDiM cannot score features of shape {features.shape}: {exc}") from None
         dist = dist.reshape(t, h, w)
@@ -139,11 +150,12 @@ class Padim(Scorer):
         return dist, float(dist.max())
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Channels, means, packed inverse covariances and the valid-patch mask."""
-        arrays = {"channels": self.channels, "mean": self.mean, "inv_packed": self.inv_packed}
+        """Channels, per-position means, packed inverse covariances (position-major) and the valid mask."""
+        arrays = {"channels": self.channels, "mean": mk.from_blocks(self.mean_blocks, self.positions),
+                  "inv_packed": mk.from_blocks(self.inv_blocks, self.positions)}
         if self.valid is not None:
             arrays["valid"] = self.valid
-        return arrays, {"channels": int(self.channels.size), "positions": int(self.mean.shape[0])}
+        return arrays, {"channels": int(self.channels.size), "positions": int(self.positions)}
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Restore a fitted state, checking the shapes agree."""
@@ -152,8 +164,9 @@ class Padim(Scorer):
             meta["positions"], mk.packed_size(meta["channels"])) or channels.shape != (meta["channels"],):
             raise ScorerError("PaDiM state arrays do not match their recorded shapes")
         self.channels = channels.astype(np.int64)
-        self.mean = np.ascontiguousarray(mean, np.float32)
-        self.inv_packed = np.ascontiguousarray(inv, np.float32)
+        self.positions = int(meta["positions"])
+        self.mean_blocks = mk.to_blocks(np.asarray(mean, np.float32), _BLOCK)
+        self.inv_blocks = mk.to_blocks(np.asarray(inv, np.float32), _BLOCK)
         self.valid = arrays.get("valid")
 
     def warm_up(self, shape: tuple[int, ...]) -> None:

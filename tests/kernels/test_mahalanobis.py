@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from appliance_kernels.mahalanobis import (
     accumulate_moments,
+    from_blocks,
     mahalanobis,
     mahalanobis_reference,
     pack_upper,
     packed_size,
+    to_blocks,
     unpack_upper,
 )
 
@@ -63,26 +65,28 @@ def test_pack_keeps_leading_dimensions_and_unpack_symmetrises() -> None:
 def test_accumulate_moments_matches_numpy_sums_and_outer_products(t: int, c: int, p: int, d: int) -> None:
     rng = np.random.default_rng(t * c)
     channels = np.sort(rng.choice(c, d, replace=False)).astype(np.int64)
-    sums = np.zeros((t * p, d))
-    outer = np.zeros((t * p, packed_size(d)))
+    sums = to_blocks(np.zeros((t * p, d)))
+    outer = to_blocks(np.zeros((t * p, packed_size(d))))
     images = [features(t, c, p, seed=i) for i in range(5)]
     accumulate_moments(np.stack(images[:3]), channels, sums, outer)  # a batch of 3 ...
     accumulate_moments(np.stack(images[3:]), channels, sums, outer)  # ... then a batch of 2 on top
     vectors = np.stack([per_position(x, channels) for x in images])  # [N, T*P, d]
-    np.testing.assert_allclose(sums, vectors.sum(0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(from_blocks(sums, t * p), vectors.sum(0), rtol=1e-12, atol=1e-9)
     want_outer = np.einsum("nqi,nqj->qij", vectors, vectors)
-    np.testing.assert_allclose(outer, pack_upper(want_outer), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(from_blocks(outer, t * p), pack_upper(want_outer), rtol=1e-12, atol=1e-9)
+    assert not from_blocks(sums, sums.shape[0] * sums.shape[2])[t * p :].any()  # padding lanes stay zero
 
 
 def test_accumulate_moments_adds_to_existing_values_and_handles_unsorted_repeated_channels() -> None:
     x = features(2, 10, 7, seed=1)
     channels = np.array([7, 2, 2, 9], np.int64)  # gathered in the given order, repeats allowed
-    sums = np.full((14, 4), 5.0)
-    outer = np.full((14, packed_size(4)), -1.0)
+    sums = to_blocks(np.full((14, 4), 5.0))
+    outer = to_blocks(np.full((14, packed_size(4)), -1.0))
     accumulate_moments(x[None], channels, sums, outer)
     v = per_position(x, channels)
-    np.testing.assert_allclose(sums, 5.0 + v, rtol=1e-12)
-    np.testing.assert_allclose(outer, -1.0 + pack_upper(v[:, :, None] * v[:, None, :]), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(from_blocks(sums, 14), 5.0 + v, rtol=1e-12)
+    np.testing.assert_allclose(from_blocks(outer, 14), -1.0 + pack_upper(v[:, :, None] * v[:, None, :]), rtol=1e-12,
+                               atol=1e-12)
 
 
 # --- mahalanobis --------------------------------------------------------------------------------------------------
@@ -130,13 +134,14 @@ def test_moments_then_inverse_reproduces_numpy_padim_distances() -> None:
     t, c, p, d = 2, 24, 12, 6
     channels = np.array([1, 3, 8, 13, 20, 23], np.int64)
     train = [features(t, c, p, seed=10 + i) for i in range(30)]
-    sums = np.zeros((t * p, d))
-    outer = np.zeros((t * p, packed_size(d)))
+    sums = to_blocks(np.zeros((t * p, d)))
+    outer = to_blocks(np.zeros((t * p, packed_size(d))))
     for lo in range(0, len(train), 16):  # batches of 16, the last one partial
         accumulate_moments(np.stack(train[lo : lo + 16]), channels, sums, outer)
     n = len(train)
-    mean = sums / n
-    cov = (unpack_upper(outer, d) / n - mean[:, :, None] * mean[:, None, :]) * n / (n - 1) + 0.01 * np.eye(d)
+    mean = from_blocks(sums, t * p) / n
+    moments = unpack_upper(from_blocks(outer, t * p), d) / n - mean[:, :, None] * mean[:, None, :]
+    cov = moments * n / (n - 1) + 0.01 * np.eye(d)
     vectors = np.stack([per_position(x, channels) for x in train], 1)  # [T*P, N, d]
     want_cov = np.stack([np.cov(v, rowvar=False) for v in vectors]) + 0.01 * np.eye(d)
     np.testing.assert_allclose(cov, want_cov, rtol=1e-9, atol=1e-9)
@@ -184,11 +189,12 @@ def test_mahalanobis_validation(change, message: str) -> None:
 @pytest.mark.parametrize(
     ("sums_shape", "outer_shape", "dtype", "message"),
     [
-        ((10, 2), (10, 6), np.float64, r"accumulators must be \[10, 3\] and \[10, 6\]"),
-        ((10, 3), (10, 5), np.float64, r"accumulators must be \[10, 3\] and \[10, 6\]"),
-        ((10, 3), (9, 6), np.float64, r"accumulators must be"),
-        ((10, 3), (10, 6), np.float32, "float64"),
-        ((8, 3), (8, 6), np.float64, "positions"),
+        ((1, 2, 16), (1, 6, 16), np.float64, r"accumulators must be \[1, 3, 16\] and \[1, 6, 16\]"),
+        ((1, 3, 16), (1, 5, 16), np.float64, r"accumulators must be \[1, 3, 16\] and \[1, 6, 16\]"),
+        ((1, 3, 16), (2, 6, 16), np.float64, r"accumulators must be"),
+        ((1, 3, 16), (1, 6, 16), np.float32, "float64"),
+        ((1, 3, 8), (1, 6, 8), np.float64, "positions"),
+        ((2, 3, 16), (2, 6, 16), np.float64, "positions"),
     ],
 )
 def test_accumulate_moments_validation(sums_shape: tuple, outer_shape: tuple, dtype: type, message: str) -> None:
@@ -200,25 +206,26 @@ def test_accumulate_moments_validation(sums_shape: tuple, outer_shape: tuple, dt
 @pytest.mark.parametrize(
     ("batch", "message"),
     [
-        (lambda x: x, r"features must be a \[B, T, C, P\] batch, got shape \(2, 6, 5\)"),
-        (lambda x: x[None, None], r"must be a \[B, T, C, P\] batch"),
+        (lambda x: x, r"features must be a C-contiguous float32 \[B, T, C, P\] batch, got float32 \(2, 6, 5\)"),
+        (lambda x: x[None, None], r"\[B, T, C, P\] batch"),
         (lambda x: np.stack([x, x]).astype(np.float64), "float32"),
         (lambda x: np.stack([x, x])[:, :, :, ::-1], "C-contiguous"),
         (lambda x: np.stack([x, x, x])[::2], "C-contiguous"),
-        (lambda x: np.stack([x, x])[:, :1], "positions"),
+        (lambda x: np.ascontiguousarray(np.stack([x, x])[:, :1]), "positions"),
     ],
 )
 def test_accumulate_moments_validates_the_batch(batch, message: str) -> None:
     x, channels, _, _ = _setup()
-    sums, outer = np.zeros((10, 3)), np.zeros((10, 6))
+    sums, outer = to_blocks(np.zeros((10, 3))), to_blocks(np.zeros((10, 6)))
     with pytest.raises(ValueError, match=message):
-        accumulate_moments(batch(x), channels, sums, outer)
+        accumulate_moments(batch(x), channels, sums, outer, positions=10)
     assert not sums.any() and not outer.any()
 
 
 def test_accumulate_moments_with_an_empty_batch_changes_nothing() -> None:
     x, channels, _, _ = _setup()
-    sums, outer = np.ones((10, 3)), np.ones((10, 6))
+    sums, outer = to_blocks(np.ones((10, 3))), to_blocks(np.ones((10, 6)))
+    sums[:], outer[:] = 1, 1
     accumulate_moments(np.empty((0, *x.shape), np.float32), channels, sums, outer)
     assert (sums == 1).all() and (outer == 1).all()
 
