@@ -102,7 +102,7 @@ def fit(
     roi: Annotated[str | None, typer.Option(help="crop x,y,w,h in source pixels")] = None,
     valid_mask: Annotated[Path | None, typer.Option(help="PNG mask of the area to inspect (source size)")] = None,
     white_level: Annotated[int | None, typer.Option(help="16-bit value shown as white (e.g. 4095)")] = None,
-    interpolation: Annotated[str, typer.Option(help="area (anti-aliased) or linear (faster) shrinking")] = "area",
+    interpolation: Annotated[str, typer.Option(help="linear (fast) or area (anti-aliased) shrinking")] = "linear",
     setting: Annotated[list[str], typer.Option("--set", help="scorer setting key=value (repeatable)")] = [],  # noqa: B006
     abnormal: Annotated[Path | None, typer.Option(help="folder layout: folder of defect images")] = None,
     masks: Annotated[Path | None, typer.Option(help="folder layout: masks of the defect images")] = None,
@@ -341,7 +341,7 @@ def demo(
 
     typer.echo(f"[1/3] fitting {scorer} on {data}", err=True)
     fit(data=data, out=out / "bundle", scorer=scorer, size="256", tile=None, overlap=32, roi=None, valid_mask=None,
-        white_level=None, interpolation="area", setting=[], abnormal=None, masks=None, unknown=None,
+        white_level=None, interpolation="linear", setting=[], abnormal=None, masks=None, unknown=None,
         calibration_fraction=0.15, target_frr=0.01, precision="f32", threads=None, cache_dir=out / "cache", quiet=True)
     try:
         test = load_dataset(data).test

@@ -61,7 +61,7 @@ class PreprocessSpec:
     overlap: int = 32
     roi: tuple[int, int, int, int] | None = None
     white_level: int | None = None
-    interpolation: str = "area"
+    interpolation: str = "linear"
 
     def __post_init__(self) -> None:
         check_spec(self)
@@ -89,7 +89,7 @@ class PreprocessSpec:
         overlap: int = 32,
         roi: tuple[int, int, int, int] | None = None,
         white_level: int | None = None,
-        interpolation: str = "area",
+        interpolation: str = "linear",
     ) -> PreprocessSpec:
         """A spec whose working width keeps the (ROI's) aspect ratio unless ``width`` is given."""
         rh, rw = (roi[3], roi[2]) if roi else source_size

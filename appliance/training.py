@@ -69,7 +69,7 @@ class FitOptions:
     overlap: int = 32
     roi: tuple[int, int, int, int] | None = None
     white_level: int | None = None
-    interpolation: str = "area"
+    interpolation: str = "linear"
     valid_mask: str | None = None
     precision: str = "f32"
     threads: int | None = None
