@@ -24,7 +24,7 @@ from ..errors import ConfigError, ScorerError
 from .base import Progress, Scorer, register
 
 #: Positions inverted per chunk (bounds the float64 temporaries).
-_INVERT_CHUNK = 256
+_INVERT_CHUNK = 64
 #: Images accumulated per kernel call (each block's accumulators stay in cache across a batch).
 _BATCH = 16
 #: Positions per block of the kernels' interleaved layout.
