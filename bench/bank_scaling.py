@@ -20,7 +20,7 @@ What it does:
    * ``flat``: ``IndexFlatL2``, exact, the reference;
    * ``hnsw16`` / ``hnsw64``: ``IndexHNSWFlat`` M=32 (one build) searched with efSearch 16 / 64;
    * ``ivf``: ``IndexIVFFlat`` with 4*sqrt(n) lists (at least 39 rows per list), nprobe 8;
-   * ``ours``: the PatchCore scorer's ``positional`` mode (shortlists L=64, radius 1, then certified
+   * ``ours``: the PatchCore scorer's ``positional`` mode (default shortlists, L=32, radius 1, then certified
      exact refinement in the exact index ``build_index`` makes for ``index="flat"``, whatever class the
      library uses for it), called through ``PatchCore.nearest`` / ``score``; whatever further search
      structures this version's ``fit`` builds after the coreset (its own HNSW stage, a bank k-NN
@@ -363,7 +363,8 @@ def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.
     info["ours"] = {"build_s": round(sum(parts.values()), 3),
                     "build_parts": {**parts, "hnsw_build_s_not_counted": info["hnsw16"]["build_s"]},
                     "index_mb": ours_mb, "faiss": type(scorer.index).__name__, "test_images": len(test),
-                    "params": {"shortlist": 64, "radius": 1, "shortlist_images": len(shortlist_imgs),
+                    "params": {"shortlist": scorer.config.shortlist, "radius": scorer.config.shortlist_radius,
+                               "shortlist_images": len(shortlist_imgs),
                                "assignment": "hnsw M=32 efSearch 64", "scorer_config": dict(scorer.config.__dict__)},
                     "refined_patches": {"median": float(np.median(runs["ours"].refined)),
                                         "max": int(max(runs["ours"].refined))},
