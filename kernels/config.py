@@ -10,10 +10,3 @@ CORESET_CLUSTERS = 1024
 CHUNK_ROWS = 65536
 #: Positions processed together by the PaDiM kernels (one AVX-512 register of float32).
 POSITION_BLOCK = 16
-#: Exact pruned search: leading (principal) dimensions summed before the first abandon test,
-#: and the block of dimensions added between later tests.
-PRUNE_HEAD = 32
-#: Exact pruned search: bank rows scanned per query before moving to the next query (cache block).
-PRUNE_ROW_BLOCK = 128
-#: Exact pruned search: bank slices searched in parallel (results reduced afterwards).
-PRUNE_CHUNKS = 8

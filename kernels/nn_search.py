@@ -84,14 +84,13 @@ def shortlist_nn_reference(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarra
 
 
 @njit(
-    "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], float32[::1], int32[::1], int64[::1], int64)",
+    "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], float32[::1], int32[::1], int64)",
     parallel=True, fastmath=_F, cache=_C,
 )
-def _graph_descent(x, bank, graph, dist2, nearest, positions, max_steps):  # pragma: no cover - compiled
-    c_count = x.shape[1]
+def _graph_descent(x, bank, graph, dist2, nearest, max_steps):  # pragma: no cover - compiled
+    t_count, c_count, p_count = x.shape
     degree = graph.shape[1]
-    for k in prange(positions.shape[0]):
-        q = positions[k]
+    for q in prange(t_count * p_count):
         v = np.empty(c_count, np.float32)
         gather_position(x, q, v)
         best, arg = dist2[q], nearest[q]
@@ -111,7 +110,7 @@ def _graph_descent(x, bank, graph, dist2, nearest, positions, max_steps):  # pra
 
 
 def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.ndarray, nearest: np.ndarray,
-                  max_steps: int = 2, positions: np.ndarray | None = None) -> None:
+                  max_steps: int = 2) -> None:
     """Tighten nearest-neighbour bounds by greedy steps on the bank's k-NN graph, in place.
 
     From each query's current nearest bank row, look at that row's graph neighbours and move to
@@ -125,7 +124,6 @@ def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.
         dist2: ``[T*P]`` float32 current squared distances (updated).
         nearest: ``[T*P]`` int32 current nearest rows (updated).
         max_steps: greedy steps per query.
-        positions: flat positions to tighten (default: all).
 
     """
     n = x.shape[0] * x.shape[2]
@@ -137,10 +135,7 @@ def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.
         raise ValueError("graph rows must index the bank")
     if nearest.min() < 0 or nearest.max() >= bank.shape[0]:
         raise ValueError("nearest must index the bank")
-    positions = np.arange(n, dtype=np.int64) if positions is None else np.ascontiguousarray(positions, np.int64)
-    if positions.size and (positions.min() < 0 or positions.max() >= n):
-        raise ValueError(f"positions must be in [0, {n})")
-    _graph_descent(x, bank, graph, dist2, nearest, positions, int(max_steps))
+    _graph_descent(x, bank, graph, dist2, nearest, int(max_steps))
 
 
 def graph_descent_reference(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.ndarray,
@@ -160,141 +155,3 @@ def graph_descent_reference(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, 
             if nn[i] == start:
                 break
     return d2, nn
-
-
-@njit(
-    "void(float32[:, ::1], float32[:, ::1], float32[:, ::1], float32[::1], float32[:, :, ::1], int32[:, :, ::1])",
-    parallel=True, fastmath=_F, cache=_C,
-)
-def _pruned_knn(queries, head_t, rows, bound, best_out, arg_out):  # pragma: no cover - compiled
-    head, n_rows = head_t.shape
-    c_count = rows.shape[1]
-    n_chunks, n_q, k = best_out.shape
-    block = config.PRUNE_ROW_BLOCK
-    per = ((n_rows + n_chunks - 1) // n_chunks + block - 1) // block * block
-    step = config.PRUNE_HEAD
-    for ch in prange(n_chunks):
-        lo, hi = ch * per, min(n_rows, (ch + 1) * per)
-        best = np.empty((n_q, k), np.float32)  # sorted ascending; best[i, k-1] is the cut-off
-        arg = np.full((n_q, k), -1, np.int32)
-        for i in range(n_q):
-            best[i, :] = bound[i]
-        partial = np.empty(block, np.float32)
-        for start in range(lo, hi, block):
-            width = min(hi, start + block) - start
-            for i in range(n_q):
-                # Leading coordinates of a block of rows at once (vectorised across rows).
-                partial[:width] = 0.0
-                for j in range(head):
-                    qj = queries[i, j]
-                    hj = head_t[j, start : start + width]
-                    for r in range(width):
-                        t = qj - hj[r]
-                        partial[r] += t * t
-                for r in range(width):
-                    s = partial[r]
-                    if s >= best[i, k - 1]:
-                        continue
-                    row = rows[start + r]
-                    j0 = head
-                    while s < best[i, k - 1] and j0 < c_count:  # the rest, abandoned once too far
-                        j1 = min(c_count, j0 + step)
-                        for j in range(j0, j1):
-                            t = queries[i, j] - row[j]
-                            s += t * t
-                        j0 = j1
-                    if s < best[i, k - 1]:  # insert, keeping the k best sorted
-                        m = k - 1
-                        while m > 0 and best[i, m - 1] > s:
-                            best[i, m], arg[i, m] = best[i, m - 1], arg[i, m - 1]
-                            m -= 1
-                        best[i, m], arg[i, m] = s, start + r
-        best_out[ch] = best
-        arg_out[ch] = arg
-
-
-class PrunedBank:
-    """A bank laid out for exact nearest-neighbour search with early abandoning.
-
-    Rows are centred and rotated onto their principal axes (an orthonormal change of
-    basis: distances are unchanged), so the first few coordinates carry most of every
-    distance. A row whose partial distance over them already exceeds the query's best is
-    dropped without reading the rest. Searching a few query patches exactly this way
-    reads a fraction of what a full scan does; the answer is the same.
-    """
-
-    def __init__(self, bank: np.ndarray) -> None:
-        if bank.ndim != 2 or bank.shape[0] == 0:
-            raise ValueError(f"bank must be a non-empty [B, C] array, got {bank.shape}")
-        b64 = bank.astype(np.float64)
-        self.mean = b64.mean(0)
-        centred = b64 - self.mean
-        _, eigvecs = np.linalg.eigh(centred.T @ centred)
-        self.rotation = np.ascontiguousarray(eigvecs[:, ::-1])  # largest variance first
-        self.rows = np.ascontiguousarray((centred @ self.rotation).astype(np.float32))
-        self.head_t = np.ascontiguousarray(self.rows[:, : min(config.PRUNE_HEAD, bank.shape[1])].T)
-
-    def add(self, rows: np.ndarray) -> None:
-        """Append bank rows (same rotation: still exact, the pruning just stays tuned to the old rows)."""
-        new = self.rotate(rows)
-        self.rows = np.ascontiguousarray(np.concatenate([self.rows, new]))
-        self.head_t = np.ascontiguousarray(np.concatenate([self.head_t, new[:, : self.head_t.shape[0]].T], axis=1))
-
-    def rotate(self, queries: np.ndarray) -> np.ndarray:
-        """Queries ``[n, C]`` in the bank's rotated coordinates (float32)."""
-        return np.ascontiguousarray(((queries.astype(np.float64) - self.mean) @ self.rotation).astype(np.float32))
-
-    def search(self, queries: np.ndarray, bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact nearest row of each query, given a squared distance it cannot exceed.
-
-        Args:
-            queries: ``[n, C]`` queries in the original coordinates.
-            bound: ``[n]`` squared upper bounds of each query's nearest-neighbour distance
-                (a distance to some bank row; ``inf`` when none is known). The tighter, the faster.
-
-        Returns:
-            ``(dist2 [n] float32, nearest [n] int32)``; ``nearest`` is -1 where no row is
-            strictly nearer than the bound (the bound was already exact).
-
-        """
-        bound = np.ascontiguousarray(bound, np.float32)
-        if queries.ndim == 2 and bound.shape != queries.shape[:1]:
-            raise ValueError(f"bound must have one value per query, got {bound.shape}")
-        d2, nn = self._knn(queries, bound, 1)
-        return d2[:, 0], nn[:, 0]
-
-    def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact ``k`` nearest rows of each query: ``(dist2 [n, k], rows [n, k])``, nearest first.
-
-        Fewer than ``k`` rows in the bank leave ``inf`` and -1 in the last columns.
-        """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        return self._knn(queries, np.full(queries.shape[:1], np.inf, np.float32), k)
-
-    def _knn(self, queries: np.ndarray, bound: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if queries.ndim != 2 or queries.shape[1] != self.rows.shape[1]:
-            raise ValueError(f"queries must be [n, {self.rows.shape[1]}], got {queries.shape}")
-        n = queries.shape[0]
-        chunks = max(1, min(config.PRUNE_CHUNKS, self.rows.shape[0] // config.PRUNE_ROW_BLOCK))
-        best = np.empty((chunks, n, k), np.float32)
-        arg = np.empty((chunks, n, k), np.int32)
-        _pruned_knn(self.rotate(queries), self.head_t, self.rows, bound, best, arg)
-        if chunks == 1:
-            return best[0], arg[0]
-        best = best.transpose(1, 0, 2).reshape(n, chunks * k)  # merge the slices' k best
-        arg = arg.transpose(1, 0, 2).reshape(n, chunks * k)
-        pick = np.argsort(best, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(best, pick, 1), np.take_along_axis(arg, pick, 1)
-
-
-def exact_nn_reference(queries: np.ndarray, bank: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force squared distance to, and index of, the nearest bank row(s) (float64); for tests.
-
-    ``k == 1``: ``[n]`` arrays; otherwise ``[n, k]``, nearest first.
-    """
-    d = ((queries.astype(np.float64)[:, None, :] - bank.astype(np.float64)[None]) ** 2).sum(-1)
-    if k == 1:
-        return d.min(1), d.argmin(1)
-    order = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(d, order, 1), order

@@ -11,7 +11,6 @@ import pytest
 from appliance.backbone import Backbone
 from appliance.errors import ConfigError, ScorerError
 from appliance.scorers import SCORERS, Padim, PatchCore, create
-from appliance.scorers.patchcore import locality_order
 
 SHAPE = (96, 128)  # H, W of the images; the patch grid is 12 x 16
 PATCHCORE = {"coreset_ratio": 0.1, "shortlist": 16}
@@ -191,15 +190,6 @@ def test_reweighting_keeps_the_score_positive_and_not_above_the_maximum(patchcor
         map_, score = reweighted.score(f)
         np.testing.assert_array_equal(map_, plain_map)  # the map is not reweighted
         assert 0 < score <= plain
-
-
-def test_reweighting_uses_the_exact_support_set(patchcore: PatchCore, case: Case) -> None:
-    """The pruned k-NN support gives the same weight as FAISS's exhaustive search (as anomalib does)."""
-    fast = clone(patchcore, reweight=True)
-    exhaustive = clone(patchcore, reweight=True, candidates="none")
-    assert fast.pruned is not None and exhaustive.pruned is None
-    for f in case.good[:2] + [f for _, f, _ in case.defects]:
-        assert fast.score(f)[1] == pytest.approx(exhaustive.score(f)[1], rel=1e-5)
 
 
 # --- growing the bank -----------------------------------------------------------------------------------------------
@@ -395,24 +385,3 @@ def test_fit_errors(case: Case) -> None:
 def test_max_bank_caps_the_coreset(case: Case) -> None:
     scorer = fitted("patchcore", {"coreset_ratio": 1.0, "max_bank": 50}, case)
     assert scorer.bank.shape == (50, 152) and scorer.index.ntotal == 50
-
-
-def test_locality_order_puts_rows_in_order_of_first_use() -> None:
-    rng = np.random.default_rng(0)
-    shortlist = np.stack([rng.choice(60, 5, replace=False) for _ in range(30)]).astype(np.int32)
-    shortlist[3, 2:] = -1
-    order = locality_order(shortlist, 70)  # rows 60..69 are named nowhere
-    assert sorted(order) == list(range(70))
-    first_use = {}
-    for i, row in enumerate(shortlist.ravel()):
-        if row >= 0:
-            first_use.setdefault(int(row), i)
-    uses = [first_use.get(int(r), 10**9) for r in order]
-    assert uses == sorted(uses)
-    assert set(order[-10:]) == set(range(60, 70))
-
-
-def test_fitted_bank_is_stored_in_shortlist_order(patchcore: PatchCore) -> None:
-    """The bank rows the first position names come first, so shortlist scans read memory in order."""
-    first = patchcore.shortlist[0][patchcore.shortlist[0] >= 0]
-    assert sorted(first) == list(range(first.size))

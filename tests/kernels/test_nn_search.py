@@ -1,18 +1,10 @@
-"""Shortlist, graph and pruned exact nearest-neighbour search against NumPy references and brute force."""
+"""Shortlist nearest-neighbour search against the NumPy reference and a brute-force search."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from appliance_kernels import config
-from appliance_kernels.nn_search import (
-    PrunedBank,
-    exact_nn_reference,
-    graph_descent,
-    graph_descent_reference,
-    shortlist_nn,
-    shortlist_nn_reference,
-)
+from appliance_kernels.nn_search import graph_descent, graph_descent_reference, shortlist_nn, shortlist_nn_reference
 
 
 def problem(t: int, c: int, p: int, b: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,108 +154,3 @@ def test_graph_descent_validation() -> None:
         graph_descent(x, bank, np.full((20, 3), 25, np.int32), d2, nearest)
     with pytest.raises(ValueError, match="dist2/nearest"):
         graph_descent(x, bank, knn_graph(bank, 3), d2[:5], nearest)
-
-
-def test_graph_descent_on_some_positions_leaves_the_others_alone() -> None:
-    x, bank, shortlist = problem(2, 16, 60, 300, 3, seed=8)
-    graph = knn_graph(bank, 8)
-    d2, nearest = shortlist_nn(x, bank, shortlist)
-    ref_d2, ref_nn = graph_descent_reference(x, bank, graph, d2, nearest, 2)
-    chosen = np.flatnonzero(ref_d2 < d2)[::2]  # half of the positions the descent improves
-    assert chosen.size > 5
-    before_d2, before_nn = d2.copy(), nearest.copy()
-    graph_descent(x, bank, graph, d2, nearest, 2, positions=chosen)
-    others = np.setdiff1d(np.arange(d2.size), chosen)
-    np.testing.assert_array_equal(d2[others], before_d2[others])
-    np.testing.assert_array_equal(nearest[others], before_nn[others])
-    np.testing.assert_allclose(d2[chosen], ref_d2[chosen], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(nearest[chosen], ref_nn[chosen])
-    with pytest.raises(ValueError, match="positions must be"):
-        graph_descent(x, bank, graph, d2, nearest, positions=np.array([d2.size]))
-
-
-# --- pruned exact search --------------------------------------------------------------------------------------------
-
-
-def correlated_bank(b: int, c: int, seed: int) -> np.ndarray:
-    """Rows whose variance is concentrated in a few directions, as real patch features are."""
-    rng = np.random.default_rng(seed)
-    scales = np.geomspace(10.0, 0.1, c)
-    basis, _ = np.linalg.qr(rng.standard_normal((c, c)))
-    return ((rng.standard_normal((b, c)) * scales) @ basis.T + 3.0).astype(np.float32)
-
-
-@pytest.mark.parametrize(("b", "c"), [(5000, 152), (300, 40), (7, 8), (1, 3)])
-def test_pruned_search_is_exact(b: int, c: int) -> None:
-    bank = correlated_bank(b, c, seed=b)
-    rng = np.random.default_rng(c)
-    q = np.concatenate([bank[rng.integers(0, b, 20)] + rng.normal(0, 0.5, (20, c)),  # near the bank
-                        rng.normal(0, 30, (5, c))]).astype(np.float32)  # far from everything
-    pruned = PrunedBank(bank)
-    ref_d2, ref_nn = exact_nn_reference(q, bank)
-    d2, nn = pruned.search(q, np.full(len(q), np.inf, np.float32))
-    assert d2.dtype == np.float32 and nn.dtype == np.int32
-    np.testing.assert_allclose(d2, ref_d2, rtol=1e-4, atol=1e-3)
-    np.testing.assert_array_equal(nn, ref_nn)
-    # With a true upper bound (the distance to some row), the same answer.
-    some = rng.integers(0, b, len(q))
-    bound = ((q.astype(np.float64) - bank[some]) ** 2).sum(1).astype(np.float32) * np.float32(1.0001)
-    d2b, nnb = pruned.search(q, bound)
-    np.testing.assert_array_equal(nnb[nnb >= 0], ref_nn[nnb >= 0])
-    np.testing.assert_allclose(np.where(nnb >= 0, d2b, bound), ref_d2, rtol=1e-3, atol=1e-3)
-
-
-def test_pruned_search_reports_no_row_when_the_bound_is_already_exact() -> None:
-    bank = correlated_bank(2000, 64, seed=1)
-    q = bank[[5, 17]] + np.float32(0.25)
-    ref_d2, _ = exact_nn_reference(q, bank)
-    d2, nn = PrunedBank(bank).search(q, (ref_d2 * (1 - 1e-4)).astype(np.float32))
-    assert (nn == -1).all()
-    np.testing.assert_allclose(d2, ref_d2 * (1 - 1e-4), rtol=1e-6)  # the bound comes back unchanged
-
-
-def test_pruned_search_finds_rows_added_later() -> None:
-    bank = correlated_bank(1000, 32, seed=2)
-    pruned = PrunedBank(bank[:900])
-    pruned.add(bank[900:])
-    q = bank[[3, 950, 999]] + np.float32(0.01)
-    d2, nn = pruned.search(q, np.full(3, np.inf, np.float32))
-    np.testing.assert_array_equal(nn, [3, 950, 999])
-    np.testing.assert_allclose(d2, exact_nn_reference(q, bank)[0], rtol=1e-3, atol=1e-4)
-
-
-def test_pruned_search_drops_most_rows_early_on_correlated_data() -> None:
-    """The point of the rotation: the leading coordinates carry most of the distance."""
-    bank = correlated_bank(3000, 152, seed=4)
-    pruned = PrunedBank(bank)
-    q = pruned.rotate(bank[:10] + np.float32(0.1))
-    rows = pruned.rows.astype(np.float64)
-    head = config.PRUNE_HEAD
-    partial = ((q[:, None, :head] - rows[None, :, :head]) ** 2).sum(-1)
-    full = ((q[:, None, :] - rows[None]) ** 2).sum(-1)
-    np.testing.assert_allclose(full.min(1), exact_nn_reference(bank[:10] + np.float32(0.1), bank)[0], rtol=1e-3)
-    assert (partial >= full.min(1, keepdims=True)).mean() > 0.95  # rows abandoned after the head
-
-
-def test_pruned_search_validation() -> None:
-    pruned = PrunedBank(correlated_bank(50, 8, seed=5))
-    with pytest.raises(ValueError, match="queries must be"):
-        pruned.search(np.zeros((2, 9), np.float32), np.zeros(2, np.float32))
-    with pytest.raises(ValueError, match="one value per query"):
-        pruned.search(np.zeros((2, 8), np.float32), np.zeros(3, np.float32))
-    with pytest.raises(ValueError, match="non-empty"):
-        PrunedBank(np.zeros((0, 8), np.float32))
-
-
-@pytest.mark.parametrize(("b", "k"), [(4000, 9), (300, 3), (5, 9)])
-def test_pruned_knn_is_exact(b: int, k: int) -> None:
-    bank = correlated_bank(b, 48, seed=k)
-    q = bank[[0, b // 2, b - 1]] + np.float32(0.05)
-    d2, rows = PrunedBank(bank).knn(q, k)
-    found = min(k, b)
-    ref_d2, ref_rows = exact_nn_reference(q, bank, k=found)
-    np.testing.assert_array_equal(rows[:, :found], ref_rows)
-    np.testing.assert_allclose(d2[:, :found], ref_d2, rtol=1e-3, atol=1e-4)
-    assert (rows[:, found:] == -1).all() and np.isinf(d2[:, found:]).all()
-    with pytest.raises(ValueError, match="k must be"):
-        PrunedBank(bank).knn(q, 0)
