@@ -70,8 +70,7 @@ class Backbone:
             self.compiled = c.compile_model(model, "CPU", config)
         except Exception as exc:
             raise BackboneError(f"{self.xml}: OpenVINO cannot compile the backbone: {_first_line(exc)}") from None
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        self.precision = {"f32": "f32", "bf16": "bf16"}.get(hint.to_string(), hint.to_string())
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # "f32", "bf16"
         self.output_shape = tuple(self.compiled.outputs[0].get_shape())
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()

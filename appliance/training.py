@@ -107,9 +107,8 @@ def _first_readable(samples: Sequence[Sample]) -> np.ndarray:
 
 
 def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Backbone,
-                    skipped: list[tuple[str, str]], progress: StageProgress | None,
-                    used: list[int]) -> Iterator[np.ndarray]:
-    """Backbone features of each readable sample, decoded ahead on a reader thread; counts them in ``used``."""
+                    skipped: list[tuple[str, str]], progress: StageProgress | None) -> Iterator[np.ndarray]:
+    """Backbone features of each readable sample, decoded ahead on a reader thread; bad ones go to ``skipped``."""
     results: queue.Queue = queue.Queue()
     slots = threading.Semaphore(4)
     stop = threading.Event()
@@ -140,7 +139,6 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
                 raise item
             slots.release()
             done += 1
-            used[0] = done
             if progress:
                 progress("features", done + len(skipped), len(samples))
             yield item
@@ -205,11 +203,10 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
                         streams=2, cache_dir=cache)
     scorer = create(options.scorer, options.settings)
 
-    used = [0]
-    stream = _feature_stream(dataset.train, pre, backbone, skipped, progress, used)
+    stream = _feature_stream(dataset.train, pre, backbone, skipped, progress)
     fit_stats = scorer.fit(stream, len(dataset.train), pre.valid_patches(valid_mask))
     t_fit = time.perf_counter()
-    n_train = used[0]
+    n_train = len(dataset.train) - len(skipped)  # so far only training images were skipped
     if n_train < 1:
         raise DatasetError(f"{dataset.root}: none of the {len(dataset.train)} training images could be used")
 

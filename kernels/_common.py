@@ -19,6 +19,19 @@ def sq_dist(a, b):  # pragma: no cover - compiled
 
 
 @njit(inline="always", fastmath=config.FASTMATH)
+def nearest_of(v, bank, rows, best, arg):  # pragma: no cover - compiled
+    """The nearer of ``(best, arg)`` and the bank rows listed in ``rows`` (the list ends at its first -1)."""
+    for m in range(rows.shape[0]):
+        row = rows[m]
+        if row < 0:
+            break
+        s = sq_dist(v, bank[row])
+        if s < best:
+            best, arg = s, row
+    return best, arg
+
+
+@njit(inline="always", fastmath=config.FASTMATH)
 def gather_position(x, q, out):  # pragma: no cover - compiled
     """out[c] = x[t, c, p] for flat position ``q = t * P + p`` of ``[T, C, P]`` features."""
     p_count = x.shape[2]

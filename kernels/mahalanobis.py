@@ -129,15 +129,25 @@ def _mahalanobis(x, channels, mean, inv, out):  # pragma: no cover - compiled
                 out[q] = np.sqrt(max(total[lane], np.float32(0.0)))
 
 
-def _check_features(x: np.ndarray, channels: np.ndarray, positions: int) -> None:
-    if x.dtype != np.float32 or x.ndim != 3 or not x.flags.c_contiguous:
-        raise ValueError(f"features must be C-contiguous float32 [T, C, P], got {x.dtype} {x.shape}")
-    if x.shape[0] * x.shape[2] != positions:
-        raise ValueError(f"features have {x.shape[0]}x{x.shape[2]} positions, the model has {positions}")
+def _check_features(x: np.ndarray, channels: np.ndarray, positions: int | None, *, batched: bool = False) -> int:
+    """Check one image's ``[T, C, P]`` (or a batch's ``[B, T, C, P]``) features; returns ``T*P``."""
+    what = "a C-contiguous float32 [B, T, C, P] batch" if batched else "C-contiguous float32 [T, C, P]"
+    if x.dtype != np.float32 or x.ndim != (4 if batched else 3) or not x.flags.c_contiguous:
+        raise ValueError(f"features must be {what}, got {x.dtype} {x.shape}")
+    t, c, p = x.shape[-3:]
+    if positions is not None and t * p != positions:
+        raise ValueError(f"features have {t}x{p} positions, the model has {positions}")
     if channels.dtype != np.int64 or channels.ndim != 1 or not channels.size:
         raise ValueError("channels must be a non-empty int64 vector")
-    if channels.min() < 0 or channels.max() >= x.shape[1]:
-        raise ValueError(f"channel indices must be in [0, {x.shape[1]})")
+    if channels.min() < 0 or channels.max() >= c:
+        raise ValueError(f"channel indices must be in [0, {c})")
+    return t * p
+
+
+def _check_blocks(nb: int, block: int, positions: int) -> None:
+    """``nb`` blocks of ``block`` positions must hold ``positions`` with less than one block to spare."""
+    if nb * block < positions or (nb - 1) * block >= positions:
+        raise ValueError(f"the block layout has {nb} blocks of {block} positions, not {positions} positions")
 
 
 def accumulate_moments(x: np.ndarray, channels: np.ndarray, sums: np.ndarray, outer: np.ndarray, *,
@@ -155,15 +165,10 @@ def accumulate_moments(x: np.ndarray, channels: np.ndarray, sums: np.ndarray, ou
         positions: the model's ``T*P``, checked against the features when given.
 
     """
-    if x.ndim != 4 or not x.flags.c_contiguous or x.dtype != np.float32:
-        raise ValueError(f"features must be a C-contiguous float32 [B, T, C, P] batch, got {x.dtype} {x.shape}")
+    found = _check_features(x, channels, positions, batched=True)
     d = channels.size
     nb, block = sums.shape[0], sums.shape[-1]
-    found = x.shape[1] * x.shape[3]
-    _check_features(np.empty((x.shape[1], x.shape[2], x.shape[3]), np.float32), channels,
-                    found if positions is None else positions)
-    if nb * block < x.shape[1] * x.shape[3] or (nb - 1) * block >= x.shape[1] * x.shape[3]:
-        raise ValueError(f"accumulators have {nb} blocks of {block}, features {x.shape[1] * x.shape[3]} positions")
+    _check_blocks(nb, block, found)
     if sums.shape != (nb, d, block) or outer.shape != (nb, packed_size(d), block):
         raise ValueError(f"accumulators must be [{nb}, {d}, {block}] and [{nb}, {packed_size(d)}, {block}]")
     if sums.dtype != np.float64 or outer.dtype != np.float64:
@@ -191,8 +196,7 @@ def mahalanobis_blocked(x: np.ndarray, channels: np.ndarray, mean: np.ndarray, i
         raise ValueError(f"mean and inverse must be in block layout [nb, m, block], got {mean.shape}, {inv.shape}")
     nb, d, block = mean.shape
     _check_features(x, channels, positions)
-    if nb * block < positions or (nb - 1) * block >= positions:
-        raise ValueError(f"the model has {nb} blocks of {block} positions, not {positions} positions")
+    _check_blocks(nb, block, positions)
     if channels.size != d or inv.shape != (nb, packed_size(d), block):
         raise ValueError(f"mean/inverse shapes {mean.shape}/{inv.shape} do not fit {channels.size} channels")
     if mean.dtype != np.float32 or inv.dtype != np.float32:

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import config
-from ._common import gather_position, sq_dist
+from ._common import gather_position, nearest_of
 
 _F = config.FASTMATH
 _C = config.CACHE
@@ -26,20 +26,10 @@ _C = config.CACHE
 )
 def _shortlist_nn(x, bank, shortlist, dist2, nearest):  # pragma: no cover - compiled
     t_count, c_count, p_count = x.shape
-    n_cand = shortlist.shape[1]
     for q in prange(t_count * p_count):
         v = np.empty(c_count, np.float32)
         gather_position(x, q, v)
-        best, arg = np.float32(np.inf), np.int32(-1)
-        for m in range(n_cand):
-            row = shortlist[q, m]
-            if row < 0:
-                break
-            s = sq_dist(v, bank[row])
-            if s < best:
-                best, arg = s, row
-        dist2[q] = best
-        nearest[q] = arg
+        dist2[q], nearest[q] = nearest_of(v, bank, shortlist[q], np.float32(np.inf), np.int32(-1))
 
 
 def shortlist_nn(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,14 +60,19 @@ def shortlist_nn(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarray) -> tupl
     return dist2, nearest
 
 
+def _listed(rows: np.ndarray) -> np.ndarray:
+    """The rows of a -1-padded candidate list, up to its first -1."""
+    end = np.flatnonzero(rows < 0)
+    return rows[: end[0]] if end.size else rows
+
+
 def shortlist_nn_reference(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Plain NumPy version of ``shortlist_nn``; for tests."""
     q = x.transpose(0, 2, 1).reshape(-1, x.shape[1]).astype(np.float64)
     dist2 = np.empty(len(q))
     nearest = np.empty(len(q), np.int64)
-    for i, rows in enumerate(shortlist):
-        end = np.flatnonzero(rows < 0)
-        rows = rows[: end[0]] if end.size else rows
+    for i, listed in enumerate(shortlist):
+        rows = _listed(listed)
         d = ((bank[rows].astype(np.float64) - q[i]) ** 2).sum(1)
         dist2[i], nearest[i] = d.min(), rows[np.argmin(d)]
     return dist2, nearest
@@ -89,20 +84,13 @@ def shortlist_nn_reference(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarra
 )
 def _graph_descent(x, bank, graph, dist2, nearest, max_steps):  # pragma: no cover - compiled
     t_count, c_count, p_count = x.shape
-    degree = graph.shape[1]
     for q in prange(t_count * p_count):
         v = np.empty(c_count, np.float32)
         gather_position(x, q, v)
         best, arg = dist2[q], nearest[q]
         for _ in range(max_steps):
             start = arg
-            for m in range(degree):
-                row = graph[start, m]
-                if row < 0:
-                    break
-                s = sq_dist(v, bank[row])
-                if s < best:
-                    best, arg = s, row
+            best, arg = nearest_of(v, bank, graph[start], best, arg)
             if arg == start:
                 break
         dist2[q] = best
@@ -146,9 +134,7 @@ def graph_descent_reference(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, 
     for i in range(len(q)):
         for _ in range(max_steps):
             start = nn[i]
-            rows = graph[start]
-            end = np.flatnonzero(rows < 0)
-            rows = rows[: end[0]] if end.size else rows
+            rows = _listed(graph[start])
             d = ((bank[rows].astype(np.float64) - q[i]) ** 2).sum(1)
             if d.size and d.min() < d2[i]:
                 d2[i], nn[i] = d.min(), rows[np.argmin(d)]

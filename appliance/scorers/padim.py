@@ -104,8 +104,7 @@ class Padim(Scorer):
             if progress:
                 progress(count, n_images)
         if filled:
-            mk.accumulate_moments(np.ascontiguousarray(batch[:filled]), self.channels, sums, outer,
-                                  positions=self.positions)
+            mk.accumulate_moments(batch[:filled], self.channels, sums, outer, positions=self.positions)
         if count < 2:
             raise ScorerError(f"PaDiM needs at least 2 training images, got {count}")
         t1 = time.perf_counter()

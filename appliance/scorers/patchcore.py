@@ -197,6 +197,7 @@ class PatchCore(Scorer):
         self.valid: np.ndarray | None = None
         self.coverage_radius = 0.0
         self.refined_last = 0  # patches searched exactly for the last image (for benchmarks)
+        self.approx_last = 0  # patches given the HNSW search for the last image (for benchmarks)
 
     # ---------------------------------------------------------------- fitting
     def fit(self, features: Iterable[np.ndarray], n_images: int, valid: np.ndarray | None = None,
