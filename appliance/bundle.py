@@ -7,6 +7,7 @@ A bundle is a directory (or a ``.tar``/``.tar.gz`` of one)::
     backbone/            the OpenVINO IR the scorer's features came from
     scorer/*.npy         the scorer's arrays (no pickles)
     golden/*.png         a few source images with the raw scores they had at build time
+    calibration/*.npy    optional per-position score normalisation (format 2)
     valid_mask.png       optional valid-area mask (source pixels)
 
 ``load_bundle`` verifies everything before it hands back an engine: format and
@@ -38,11 +39,12 @@ from .calibration import Calibration
 from .engine import Engine
 from .errors import ApplianceError, BundleError
 from .imaging import read_image
+from .position_norm import PositionNorm
 from .preprocess import PreprocessSpec, plan_tiles
 from .scorers import SCORERS, Scorer, create
 
 FORMAT = "anomaly-appliance-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional per-position score normalisation (calibration/position_*.npy)
 MANIFEST = "manifest.json"
 #: Relative difference allowed between a golden image's score now and at build time.
 GOLDEN_TOLERANCE = {"f32": 0.02, "bf16": 0.08}
@@ -79,7 +81,8 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, precision: str, scorer: Scorer,
                  calibration: Calibration, golden: list[Golden], training: dict,
-                 valid_mask: np.ndarray | None = None, key: bytes | None = None) -> Path:
+                 valid_mask: np.ndarray | None = None, key: bytes | None = None,
+                 position_norm: PositionNorm | None = None) -> Path:
     """Write a bundle directory atomically (a temporary sibling renamed into place).
 
     Returns:
@@ -111,6 +114,13 @@ def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, p
             golden_records.append({"file": rel, "raw_score": g.raw_score, "label": g.label})
         if valid_mask is not None:
             _write_png(tmp / "valid_mask.png", valid_mask.astype(np.uint8) * 255)
+        norm_record = None
+        if position_norm is not None:
+            (tmp / "calibration").mkdir()
+            norm_record = {"mean": "calibration/position_mean.npy", "scale": "calibration/position_scale.npy",
+                           "images": position_norm.images}
+            np.save(tmp / norm_record["mean"], position_norm.mean, allow_pickle=False)
+            np.save(tmp / norm_record["scale"], position_norm.scale, allow_pickle=False)
         files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         content_id = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
@@ -127,6 +137,7 @@ def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, p
             "scorer": {"type": scorer.type, "config": scorer.config.__dict__, "meta": scorer_meta,
                        "arrays": array_files},
             "calibration": calibration.to_dict(),
+            "position_norm": norm_record,
             "golden": golden_records,
             "valid_mask": "valid_mask.png" if valid_mask is not None else None,
             "training": training,
@@ -265,11 +276,29 @@ def load_bundle(path: str | Path, *, threads: int | None = None, streams: int = 
     if backbone.output_shape[1] != manifest["backbone"]["output_channels"]:
         raise BundleError(f"{path}: backbone gives {backbone.output_shape[1]} channels, bundle expects "
                           f"{manifest['backbone']['output_channels']}")
-    engine = Engine(spec, backbone, scorer, calibration, manifest["model_id"], manifest=manifest, bundle_path=path)
+    position_norm = _load_position_norm(path, manifest, backbone.output_shape)
+    engine = Engine(spec, backbone, scorer, calibration, manifest["model_id"], manifest=manifest, bundle_path=path,
+                    position_norm=position_norm)
     scorer.warm_up(backbone.output_shape)
     if check_golden:
         check_golden_images(engine, path, manifest, chosen)
     return engine
+
+
+def _load_position_norm(path: Path, manifest: dict, output_shape: tuple[int, ...]) -> PositionNorm | None:
+    """The bundle's per-position normalisation, checked against the backbone's patch grid."""
+    record = manifest.get("position_norm")
+    if not record:
+        return None
+    try:
+        norm = PositionNorm(np.load(path / record["mean"], allow_pickle=False),
+                            np.load(path / record["scale"], allow_pickle=False), int(record["images"]))
+    except (ApplianceError, KeyError, TypeError, ValueError, OSError) as exc:
+        raise BundleError(f"{path}: bundle's position norm is unusable: {exc}") from None
+    grid = (output_shape[0], *output_shape[2:])
+    if norm.mean.shape != grid:
+        raise BundleError(f"{path}: position norm is for a {norm.mean.shape} patch grid, the backbone gives {grid}")
+    return norm
 
 
 def _batch_shape(spec: PreprocessSpec) -> tuple[int, int, int]:

@@ -109,6 +109,8 @@ def fit(
     unknown: Annotated[Path | None, typer.Option(help="folder layout: unlabelled images")] = None,
     calibration_fraction: Annotated[float, typer.Option(help="share of train/good held out to calibrate")] = 0.1,
     target_frr: Annotated[float, typer.Option(help="false-reject rate target without labelled defects")] = 0.01,
+    position_norm: Annotated[bool, typer.Option(
+        help="normalise patch scores per position over the held-out good images (needs 4 or more)")] = True,
     precision: Annotated[str, typer.Option(help="backbone precision f32 or bf16")] = "f32",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
     cache_dir: Annotated[Path, typer.Option(help="OpenVINO model cache folder")] = DEFAULT_CACHE,
@@ -140,7 +142,7 @@ def fit(
                              white_level=white_level, interpolation=interpolation,
                              valid_mask=str(valid_mask) if valid_mask else None,
                              precision=precision, threads=threads, target_false_reject_rate=target_frr,
-                             cache_dir=str(cache_dir))
+                             position_norm=position_norm, cache_dir=str(cache_dir))
         report = run_fit(dataset, out, options, progress)
     except ApplianceError as exc:
         progress.close()
@@ -150,6 +152,7 @@ def fit(
     typer.echo(f"bundle   {report.bundle}  ({m['model_id']})")
     typer.echo(f"fit      {json.dumps(m['training']['fit'])}")
     typer.echo(f"calib    {report.engine.calibration.describe()}")
+    typer.echo(f"norm     {m['training']['position_norm']}")
     typer.echo(f"time     {report.seconds['total']:.1f} s   peak RSS {report.peak_rss_mb:.0f} MB")
     for path, reason in report.skipped:
         typer.secho(f"skipped  {path}: {reason}", fg=typer.colors.YELLOW, err=True)
@@ -313,6 +316,7 @@ def bundle_info(bundle: Annotated[Path, typer.Argument(help="bundle directory")]
     summary = {k: m[k] for k in ("model_id", "created", "appliance_version", "backbone", "preprocess")}
     summary["scorer"] = {"type": m["scorer"]["type"], "config": m["scorer"]["config"], "meta": m["scorer"]["meta"]}
     summary["calibration"] = m["calibration"]
+    summary["position_norm"] = m.get("position_norm")
     summary["training"] = {k: m["training"][k] for k in ("dataset", "images", "fit", "seconds", "peak_rss_mb")}
     summary["bytes"] = sum(f["bytes"] for f in m["files"].values())
     typer.echo(json.dumps(summary, indent=2))
@@ -342,7 +346,8 @@ def demo(
     typer.echo(f"[1/3] fitting {scorer} on {data}", err=True)
     fit(data=data, out=out / "bundle", scorer=scorer, size="256", tile=None, overlap=32, roi=None, valid_mask=None,
         white_level=None, interpolation="linear", setting=[], abnormal=None, masks=None, unknown=None,
-        calibration_fraction=0.15, target_frr=0.01, precision="f32", threads=None, cache_dir=out / "cache", quiet=True)
+        calibration_fraction=0.15, target_frr=0.01, position_norm=True, precision="f32", threads=None,
+        cache_dir=out / "cache", quiet=True)
     try:
         test = load_dataset(data).test
     except ApplianceError as exc:

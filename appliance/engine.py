@@ -1,7 +1,8 @@
 """The engine: one frame in, one prediction out. The data flow reads top to bottom here.
 
 frame -> preprocess (ROI, resize, tiles) -> backbone (OpenVINO) -> scorer (PatchCore
-or PaDiM) -> stitched patch map and raw score -> calibration (normalise) -> decision.
+or PaDiM, patch scores per-position normalised when the bundle has a position norm)
+-> stitched patch map and raw score -> calibration (normalise) -> decision.
 
 An ``Engine`` is only ever built by ``bundle.load_bundle`` (and by the trainer
 before it writes a bundle), fully verified, so a daemon can swap engines
@@ -23,6 +24,7 @@ from .backbone import Backbone
 from .calibration import Calibration
 from .decision import DEFAULT_THRESHOLD, decide
 from .errors import ApplianceError
+from .position_norm import PositionNorm
 from .preprocess import Preprocessor, PreprocessSpec
 from .scorers import Scorer
 from .types import Frame, Prediction, Score
@@ -36,7 +38,7 @@ class Engine:
 
     def __init__(self, spec: PreprocessSpec, backbone: Backbone, scorer: Scorer,
                  calibration: Calibration | None, model_id: str, manifest: dict | None = None,
-                 bundle_path: Path | None = None) -> None:
+                 bundle_path: Path | None = None, position_norm: PositionNorm | None = None) -> None:
         self.spec = spec
         self.manifest = manifest
         self.bundle_path = bundle_path
@@ -44,6 +46,7 @@ class Engine:
         self.backbone = backbone
         self.scorer = scorer
         self.calibration = calibration
+        self.position_norm = position_norm
         self.model_id = model_id
         self._lock = threading.Lock()  # the preprocessor's tile buffer and the scorer are not re-entrant
 
@@ -54,9 +57,9 @@ class Engine:
             return self.backbone.infer(self.preprocessor.tiles(image))
 
     def score_features(self, features: np.ndarray) -> Score:
-        """Scorer output for one frame's features, tiles stitched into one patch map."""
+        """Scorer output for one frame's features (position-normalised when calibrated so), tiles stitched."""
         with self._lock:
-            tile_scores, raw = self.scorer.score(features)
+            tile_scores, raw = self.scorer.score(features, self.position_norm)
             return Score(image_score=raw, patch_map=self.preprocessor.stitch(tile_scores))
 
     def score(self, image: np.ndarray) -> Score:

@@ -237,6 +237,11 @@ def overlay_metadata(prediction: Prediction) -> dict:
             "seq": frame.seq, "source": frame.source}
 
 
+#: zlib level of overlay PNGs: 1 encodes a 1130x460 overlay in ~27 ms against ~120 ms at PIL's default 6,
+#: for files ~20 % larger; an overlay is written for every frame, so speed wins.
+PNG_COMPRESS_LEVEL = 1
+
+
 def save_overlay(path: str | Path, overlay: np.ndarray, metadata: Mapping) -> Path:
     """Write an overlay as PNG with the verdict in EXIF, atomically.
 
@@ -267,7 +272,8 @@ def save_overlay(path: str | Path, overlay: np.ndarray, metadata: Mapping) -> Pa
         raise ValueError(f"overlay metadata lacks {', '.join(missing)}; build it with overlay_metadata(prediction)")
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(overlay)).save(buf, format="PNG", exif=_exif_bytes(metadata))
+    Image.fromarray(np.ascontiguousarray(overlay)).save(buf, format="PNG", exif=_exif_bytes(metadata),
+                                                        compress_level=PNG_COMPRESS_LEVEL)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, buf.getvalue())

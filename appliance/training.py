@@ -29,8 +29,9 @@ from .datasets import Dataset, Sample
 from .engine import Engine
 from .errors import ApplianceError, ConfigError, DatasetError
 from .imaging import read_image, read_mask
+from .position_norm import MIN_IMAGES, PositionNorm
 from .preprocess import Preprocessor, PreprocessSpec, plan_tiles
-from .scorers import SCORERS, create
+from .scorers import SCORERS, Scorer, create
 from .types import Frame
 
 #: Called with (stage, done, total).
@@ -55,6 +56,8 @@ class FitOptions:
         precision: backbone precision, ``f32`` or ``bf16``.
         threads: CPU threads (``None``: all).
         target_false_reject_rate: threshold target when there are no labelled defects.
+        position_norm: normalise patch scores per position by their mean and spread over the
+            held-out good images (needs at least 4 of them; see ``appliance.position_norm``).
         golden: how many golden images to store.
         backbone: shipped backbone name (``None``: the scorer's own default embedding).
         cache_dir: OpenVINO cache folder.
@@ -74,6 +77,7 @@ class FitOptions:
     precision: str = "f32"
     threads: int | None = None
     target_false_reject_rate: float = 0.01
+    position_norm: bool = True
     golden: int = 3
     backbone: str | None = None
     cache_dir: str | None = None
@@ -176,6 +180,37 @@ def score_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple
         yield by_key.pop(frame.seq), score
 
 
+def feature_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple[str, str]],
+                    progress: StageProgress | None = None, stage: str = "features"
+                    ) -> Iterator[tuple[Sample, np.ndarray]]:
+    """``(sample, backbone features)`` for each readable sample; unreadable ones go to ``skipped``."""
+    for n, s in enumerate(samples, 1):
+        try:
+            feats = engine.features(read_image(s.path))
+        except ApplianceError as exc:
+            skipped.append((str(s.path), str(exc)))
+            continue
+        finally:
+            if progress:
+                progress(stage, n, len(samples))
+        yield s, feats
+
+
+def _calibration_scores(scorer: Scorer, goods: list[np.ndarray], valid: np.ndarray | None, enabled: bool
+                        ) -> tuple[PositionNorm | None, list[float]]:
+    """The position norm (if wanted and there are enough good images) and the good images' scores.
+
+    Each good image is scored with the statistics of the *other* good images (leave-one-out),
+    as an unseen good image would be; scoring it with statistics it took part in would set the
+    threshold too low.
+    """
+    if not enabled or len(goods) < MIN_IMAGES + 1:
+        return None, [scorer.score(f)[1] for f in goods]
+    raw = np.stack([scorer.score(f)[0] for f in goods])
+    scores = [scorer.score(f, norm)[1] for f, norm in zip(goods, PositionNorm.leave_one_out(raw, valid), strict=True)]
+    return PositionNorm.fit(raw, valid), scores
+
+
 def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageProgress | None = None,
         key: bytes | None = None) -> FitReport:
     """Fit a model on ``dataset.train``, calibrate it on ``dataset.calibration``, write a verified bundle."""
@@ -211,16 +246,19 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
         raise DatasetError(f"{dataset.root}: none of the {len(dataset.train)} training images could be used")
 
     engine = Engine(spec, backbone, scorer, None, "unsaved")
-    good, defect, records = [], [], []
     calib = [s for s in dataset.calibration if s.label in ("good", "defect")]
-    for sample, score in score_samples(engine, calib, skipped, progress, "calibrate"):
-        (good if sample.label == "good" else defect).append(score.image_score)
-        records.append((score.image_score, sample))
-    if len(good) < 2:
+    held_out = list(feature_samples(engine, calib, skipped, progress, "calibrate"))
+    goods = [f for s, f in held_out if s.label == "good"]
+    if len(goods) < 2:
         raise DatasetError(
-            f"{dataset.root}: calibration needs at least 2 readable held-out good images, got {len(good)}; "
+            f"{dataset.root}: calibration needs at least 2 readable held-out good images, got {len(goods)}; "
             "hold out more train images (calibration fraction) or add a validation folder")
+    position_norm, good = _calibration_scores(scorer, goods, pre.valid_patches(valid_mask),
+                                              options.position_norm)
+    defect = [scorer.score(f, position_norm)[1] for s, f in held_out if s.label == "defect"]
     calibration = calibrate(np.array(good), np.array(defect), options.target_false_reject_rate)
+    records = [(scorer.score(f, position_norm)[1], s) for s, f in held_out]  # as the bundle will score them
+    del held_out, goods
     t_cal = time.perf_counter()
 
     golden = _golden(records, options.golden)
@@ -229,11 +267,14 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
         "images": {"train": n_train, "calibration_good": len(good), "calibration_defect": len(defect)},
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "fit": fit_stats, "calibration": calibration.describe(),
+        "position_norm": (f"patch scores normalised per position over {position_norm.images} good images"
+                          if position_norm else "none"),
         "seconds": {"features_and_fit": round(t_fit - t_start, 2), "calibration": round(t_cal - t_fit, 2)},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
     bundle = write_bundle(out, spec=spec, backbone_dir=bb_dir, precision=options.precision, scorer=scorer,
-                          calibration=calibration, golden=golden, training=training, valid_mask=valid_mask, key=key)
+                          calibration=calibration, golden=golden, training=training, valid_mask=valid_mask, key=key,
+                          position_norm=position_norm)
     del engine, backbone
     loaded = load_bundle(bundle, threads=options.threads, cache_dir=options.cache_dir, key=key)
     seconds = {**training["seconds"], "total": round(time.perf_counter() - t_start, 2)}

@@ -93,7 +93,8 @@ def compare_model(args: argparse.Namespace, model: str, train_list: Path) -> dic
     result: dict = {"model": model}
     ours_dir = base / "ours"
     fit_ours = step(ours_dir / "fit.json", "ours_fit",
-                    [str(OUR_PY), str(HERE / "ours.py"), "fit", *common, "--workdir", str(ours_dir)],
+                    [str(OUR_PY), str(HERE / "ours.py"), "fit", *common, "--workdir", str(ours_dir),
+                     *([] if args.position_norm else ["--no-position-norm"])],
                     args.fresh)
     pred_ours = step(ours_dir / "predict_ours.json", "ours_predict",
                      [str(OUR_PY), str(HERE / "ours.py"), "predict", "--data", str(args.data), "--workdir",
@@ -221,6 +222,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--skip-peer", action="store_true", help="only our side (no anomalib venv needed)")
+    p.add_argument("--position-norm", action="store_true",
+                   help="ours with per-position score normalisation (off by default: like for like with anomalib)")
     p.add_argument("--fresh", action="store_true", help="rerun every step even if its output exists")
     args = p.parse_args()
     args.data, args.out = args.data.resolve(), args.out.resolve()

@@ -88,7 +88,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     tile = tuple(int(v) for v in args.tile.lower().split("x")) if args.tile else None
     options = FitOptions(scorer=args.model, settings=_settings(args), height=args.height, width=args.width,
                          tile=tile, overlap=args.overlap, precision=args.precision, threads=args.threads,
-                         interpolation=args.interpolation,
+                         interpolation=args.interpolation, position_norm=not args.no_position_norm,
                          cache_dir=str(args.workdir / "cache"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--precision", default="f32")
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--train-list", type=Path, default=None)
+    f.add_argument("--no-position-norm", action="store_true", help="raw patch scores, as anomalib")
     f.add_argument("--workdir", type=Path, required=True)
     q = sub.add_parser("predict")
     q.add_argument("--data", type=Path, required=True)

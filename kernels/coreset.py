@@ -18,6 +18,8 @@ against a NumPy reference).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit, prange
 
@@ -56,19 +58,20 @@ _SLACK = np.float32(1e-4)
 
 @njit(
     "void(float32[:, ::1], float32[::1], float32[::1], int32[::1], int32, int64[::1], float32[:, ::1],"
-    " float32[::1], float32[::1], int64[::1], float32[::1], int64[::1])",
+    " float32[::1], float32[::1], int64[::1], float32[::1], int64[::1], int64, int64)",
     parallel=True, fastmath=_F, cache=_C,
 )
 def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, dc, original, group_max2,
-                   group_arg):  # pragma: no cover - compiled
+                   group_arg, g_lo, g_hi):  # pragma: no cover - compiled
     """One pruned iteration over rows sorted by (group, distance to the group's centre ``dc``).
 
     With ``e`` the new centre's distance to a group's centre, a row can only get closer to
     the new centre than to its current nearest if ``|e - dc| < current distance <= D_g``: so
     groups with ``e - r_g >= D_g`` are skipped, and in the others only the rows whose ``dc``
-    lies in ``(e - D_g, e + D_g)`` (a binary search) are looked at.
+    lies in ``(e - D_g, e + D_g)`` (a binary search) are looked at. Only groups
+    ``g_lo:g_hi`` (the new centre's partition) can be reached at all.
     """
-    for g in prange(centres.shape[0]):
+    for g in prange(g_lo, g_hi):
         lo, hi = offsets[g], offsets[g + 1]
         if lo == hi:
             continue
@@ -108,13 +111,20 @@ def _centre_distances(x, centres, offsets, dc):  # pragma: no cover - compiled
             dc[i] = np.sqrt(sq_dist(x[i], centres[g]))
 
 
-def _project(features: np.ndarray, rows: np.ndarray | None, matrix: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = features[rows[i]] @ matrix, chunk by chunk (bounded temporaries)."""
-    n = out.shape[0]
+def _project(features: np.ndarray, rows: np.ndarray | None, matrix: np.ndarray, out: np.ndarray,
+             part: np.ndarray | None = None) -> None:
+    """out[i] = features[rows[i]] @ matrix, chunk by chunk (bounded temporaries).
+
+    With partitions, ``out`` has one more column: the row's partition times a distance no two
+    rows of the same partition reach, so rows of different partitions never cover each other.
+    """
+    n, d = out.shape[0], matrix.shape[1]
     for lo in range(0, n, config.CHUNK_ROWS):
         hi = min(n, lo + config.CHUNK_ROWS)
         block = features[lo:hi] if rows is None else features[rows[lo:hi]]
-        np.matmul(block.astype(np.float32, copy=False), matrix, out=out[lo:hi])
+        np.matmul(block.astype(np.float32, copy=False), matrix, out=out[lo:hi, :d])
+        if part is not None:
+            out[lo:hi, d] = part[lo:hi] if rows is None else part[rows[lo:hi]]
 
 
 def projection_matrix(dim_in: int, dim_out: int, seed: int) -> np.ndarray:
@@ -130,6 +140,8 @@ def greedy_coreset(
     projection_dim: int | None = 64,
     seed: int = 0,
     clusters: int = config.CORESET_CLUSTERS,
+    regroup_factor: int = config.CORESET_REGROUP,
+    partitions: np.ndarray | None = None,
     return_assignment: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Indices of ``k`` rows of ``features`` chosen by greedy k-center selection.
@@ -142,6 +154,13 @@ def greedy_coreset(
             uses the features as they are.
         seed: seeds the projection and the first centre.
         clusters: plain iterations before pruning starts (0 disables pruning).
+        regroup_factor: the rows are regrouped around all centres chosen so far each time their
+            number grows by this factor (tighter groups prune more; 0 or 1: never).
+        partitions: ``[N]`` non-negative int partition of each row, or ``None``. Rows are then
+            only covered by centres of their own partition: each iteration still picks the row
+            farthest from its coverage over all partitions, but updates only that partition, so
+            the work drops by about the number of partitions (PatchCore partitions by patch
+            position: a patch is matched to bank rows from around its own position anyway).
         return_assignment: also return, for every row, the position in the
             selection of its nearest selected row (in the projected space).
 
@@ -163,8 +182,23 @@ def greedy_coreset(
         matrix = np.eye(dim, dtype=np.float32)
     else:
         matrix = projection_matrix(dim, projection_dim, seed)
-    x = np.empty((n, matrix.shape[1]), np.float32)
-    _project(features, None, matrix, x)
+    part = None
+    if partitions is not None:
+        partitions = np.asarray(partitions)
+        if partitions.shape != (n,) or partitions.dtype.kind not in "iu" or partitions.min() < 0:
+            raise ValueError(f"partitions must be [{n}] non-negative integers")
+        partitions = partitions.astype(np.int64, copy=False)
+        part = partitions.astype(np.float32)  # scaled below, once the rows' extent is known
+    width = matrix.shape[1] + (part is not None)
+    x = np.empty((n, width), np.float32)
+    _project(features, None, matrix, x, part)
+    if part is not None:  # partition p sits at p * spacing on an extra axis, beyond any in-partition distance
+        step = config.CHUNK_ROWS
+        norm2 = max(float(np.einsum("ij,ij->i", x[lo : lo + step, :-1], x[lo : lo + step, :-1]).max())
+                    for lo in range(0, n, step))
+        spacing = np.float32(4.0 * np.sqrt(norm2) + 1.0)
+        part *= spacing
+        x[:, -1] *= spacing
 
     first = int(rng.integers(n))
     selected = np.empty(k, np.int64)
@@ -172,7 +206,12 @@ def greedy_coreset(
     assign = np.zeros(n, np.int32)
     chunk_max = np.empty(64, np.float32)
     chunk_arg = np.empty(64, np.int64)
-    plain = k if clusters <= 0 else min(k, clusters)
+    # Rows without a centre in their partition are the farthest of all, so every partition has
+    # one after at most as many plain iterations as there are partitions. A plain iteration scans
+    # every row, a pruned one only the new centre's partition: with P partitions, pruning starts
+    # after max(P, clusters / P) iterations.
+    n_parts = 1 if partitions is None else int(partitions.max()) + 1
+    plain = k if clusters <= 0 else min(k, max(n_parts, clusters // n_parts))
     nxt = first
     for i in range(plain):
         selected[i] = nxt
@@ -181,50 +220,123 @@ def greedy_coreset(
     if plain == k:
         return (selected, assign) if return_assignment else selected
 
-    # Group rows by nearest centre, sorted within the group by distance to it (from phase 1), and
-    # re-project them in that order so each group is contiguous and its annuli are slices.
-    order = np.lexsort((min_d2, assign))
-    offsets = np.zeros(plain + 1, np.int64)
-    np.cumsum(np.bincount(assign, minlength=plain), out=offsets[1:])
-    centres = np.ascontiguousarray(x[selected[:plain]])
-    del x
-    xs = np.empty((n, matrix.shape[1]), np.float32)
-    _project(features, order, matrix, xs)
-    min_d2 = min_d2[order]
-    assign_sorted = assign[order]
-    del assign
-    dc = np.empty(n, np.float32)
-    _centre_distances(xs, centres, offsets, dc)
-    for g in range(plain):  # the re-projection may differ from phase 1 in the last bit: keep each slice sorted
-        lo, hi = offsets[g], offsets[g + 1]
-        if hi - lo > 1 and (np.diff(dc[lo:hi]) < 0).any():
-            fix = lo + np.argsort(dc[lo:hi], kind="stable")
-            order[lo:hi], xs[lo:hi], min_d2[lo:hi], dc[lo:hi] = order[fix], xs[fix], min_d2[fix], dc[fix]
-    group_max2 = np.full(plain, -1.0, np.float32)
-    group_arg = np.full(plain, -1, np.int64)
-    radius = np.zeros(plain, np.float32)
-    for g in range(plain):
-        lo, hi = offsets[g], offsets[g + 1]
-        if lo == hi:  # only when rows duplicate an earlier centre exactly
-            continue
-        vals = min_d2[lo:hi]
-        tied = lo + np.flatnonzero(vals == vals.max())
-        j = int(tied[np.argmin(order[tied])])
-        group_max2[g], group_arg[g], radius[g] = min_d2[j], j, dc[hi - 1] * (1 + 1e-4)
+    state = _regroup(x, partitions, selected[:plain], min_d2, assign, np.arange(n, dtype=np.int64))
+    del x, min_d2, assign  # now state.xs (the same buffer, rows permuted in place), state.min_d2, ...
+    next_regroup = plain * regroup_factor if regroup_factor > 1 else k
     for i in range(plain, k):
-        g = int(np.argmax(group_max2))
-        tied = np.flatnonzero(group_max2 == group_max2[g])
+        if i >= next_regroup:  # finer groups now that the centres are denser: tighter pruning
+            state = _regroup(state.xs, partitions, selected[:i], state.min_d2, state.assign, state.order)
+            next_regroup = i * regroup_factor
+        g = int(np.argmax(state.group_max2))
+        tied = np.flatnonzero(state.group_max2 == state.group_max2[g])
         if tied.size > 1:  # break exact ties by original row index, as the plain loop does
-            g = int(tied[np.argmin(order[group_arg[tied]])])
-        row = int(group_arg[g])
-        selected[i] = order[row]
-        _update_pruned(xs, np.ascontiguousarray(xs[row]), min_d2, assign_sorted, np.int32(i), offsets, centres,
-                       radius, dc, order, group_max2, group_arg)
+            g = int(tied[np.argmin(state.order[state.group_arg[tied]])])
+        row = int(state.group_arg[g])
+        selected[i] = state.order[row]
+        p = 0 if partitions is None else int(partitions[selected[i]])
+        _update_pruned(state.xs, np.ascontiguousarray(state.xs[row]), state.min_d2, state.assign, np.int32(i),
+                       state.offsets, state.centres, state.radius, state.dc, state.order, state.group_max2,
+                       state.group_arg, state.part_start[p], state.part_start[p + 1])
     if not return_assignment:
         return selected
     assign = np.empty(n, np.int32)
-    assign[order] = assign_sorted
+    assign[state.order] = state.assign
     return selected, assign
+
+
+@dataclass
+class _Groups:
+    """Rows grouped by nearest centre for the pruned loop; every array is in grouped row order."""
+
+    order: np.ndarray  # original row index of each grouped row
+    xs: np.ndarray | None  # projected rows (None once released)
+    min_d2: np.ndarray  # squared distance to the nearest selected row
+    assign: np.ndarray  # selection position of that row
+    dc: np.ndarray  # distance to the row's group centre (ascending within a group)
+    offsets: np.ndarray  # group g is rows offsets[g]:offsets[g+1]
+    centres: np.ndarray  # projected group centres
+    radius: np.ndarray  # largest dc of each group (with slack)
+    group_max2: np.ndarray  # largest min_d2 of each group
+    group_arg: np.ndarray  # its grouped row (ties: lowest original row)
+    part_start: np.ndarray  # the groups of partition p are part_start[p]:part_start[p+1]
+
+
+def _regroup(xs: np.ndarray, partitions: np.ndarray | None, centre_rows: np.ndarray, min_d2: np.ndarray,
+             assign: np.ndarray, order: np.ndarray) -> _Groups:
+    """Group rows by their nearest selected centre, sorted within a group by distance to it.
+
+    ``xs[j]`` is the projection of original row ``order[j]``; its rows are permuted in place
+    (one projected buffer, computed once) so each group is contiguous and its annuli are
+    slices. Groups are ordered by partition.
+    """
+    n, g_count = xs.shape[0], centre_rows.shape[0]
+    where = np.empty(n, np.int64)
+    where[order] = np.arange(n)
+    centre_part = np.zeros(g_count, np.int64) if partitions is None else partitions[centre_rows]
+    by_part = np.argsort(centre_part, kind="stable")  # group slot -> centre, partitions contiguous
+    slot = np.empty(g_count, np.int64)
+    slot[by_part] = np.arange(g_count)
+    n_parts = 1 if partitions is None else int(partitions.max()) + 1
+    part_start = np.searchsorted(centre_part[by_part], np.arange(n_parts + 1))
+    centres = np.ascontiguousarray(xs[where[centre_rows[by_part]]])
+    # Sort by (group slot, min_d2) in one pass: non-negative float32 bit patterns order like the values.
+    key = (slot[assign].astype(np.uint64) << np.uint64(32)) | min_d2.view(np.uint32).astype(np.uint64)
+    perm = np.argsort(key, kind="stable")
+    del key
+    order, min_d2, assign = order[perm], min_d2[perm], assign[perm]
+    _permute_rows(xs, perm, np.zeros(n, np.bool_), np.empty(xs.shape[1], np.float32))
+    offsets = np.zeros(g_count + 1, np.int64)
+    np.cumsum(np.bincount(slot[assign], minlength=g_count), out=offsets[1:])
+    dc = np.empty(n, np.float32)
+    _centre_distances(xs, centres, offsets, dc)
+    # dc and min_d2 come from different kernels and may differ in the last bit: keep each slice sorted by dc
+    unsorted = np.flatnonzero(np.diff(dc) < 0) + 1
+    for g in np.unique(np.searchsorted(offsets, unsorted, side="right") - 1):
+        lo, hi = offsets[g], offsets[g + 1]
+        if hi - lo > 1 and (np.diff(dc[lo:hi]) < 0).any():
+            fix = lo + np.argsort(dc[lo:hi], kind="stable")
+            order[lo:hi], xs[lo:hi], min_d2[lo:hi], dc[lo:hi], assign[lo:hi] = (
+                order[fix], xs[fix], min_d2[fix], dc[fix], assign[fix])
+    group_max2 = np.full(g_count, -1.0, np.float32)
+    group_arg = np.full(g_count, -1, np.int64)
+    radius = np.zeros(g_count, np.float32)
+    _group_extremes(min_d2, dc, order, offsets, group_max2, group_arg, radius)
+    return _Groups(order, xs, min_d2, assign, dc, offsets, centres, radius, group_max2, group_arg, part_start)
+
+
+@njit("void(float32[:, ::1], int64[::1], boolean[::1], float32[::1])", cache=_C)
+def _permute_rows(x, perm, done, tmp):  # pragma: no cover - compiled
+    """x[i] = x_before[perm[i]] in place, by following the permutation's cycles."""
+    for start in range(perm.shape[0]):
+        if done[start]:
+            continue
+        tmp[:] = x[start]
+        j = start
+        while True:
+            done[j] = True
+            k = perm[j]
+            if k == start:
+                x[j] = tmp
+                break
+            x[j] = x[k]
+            j = k
+
+
+@njit("void(float32[::1], float32[::1], int64[::1], int64[::1], float32[::1], int64[::1], float32[::1])",
+      cache=_C)
+def _group_extremes(min_d2, dc, order, offsets, group_max2, group_arg, radius):  # pragma: no cover - compiled
+    """Per group: the largest min_d2 (ties: lowest original row), its row, and the radius."""
+    for g in range(offsets.shape[0] - 1):
+        lo, hi = offsets[g], offsets[g + 1]
+        if lo == hi:  # only when rows duplicate an earlier centre exactly
+            continue
+        best, arg = np.float32(-1.0), np.int64(-1)
+        for i in range(lo, hi):
+            v = min_d2[i]
+            if v > best or (v == best and order[i] < order[arg]):
+                best, arg = v, i
+        group_max2[g], group_arg[g] = best, arg
+        radius[g] = dc[hi - 1] * np.float32(1 + 1e-4)
 
 
 def greedy_coreset_reference(x: np.ndarray, k: int, first: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from appliance.bundle import FORMAT_VERSION, MANIFEST, load_bundle, pack, verify
 from appliance.datasets import Dataset, load_mvtec
 from appliance.errors import BundleError, DatasetError
 from appliance.imaging import read_image
+from appliance.position_norm import PositionNorm
 from appliance.training import FitOptions, FitReport, fit
 
 SHAPE = (96, 160)
@@ -33,7 +34,7 @@ def write_rgb(path: Path, rgb: np.ndarray) -> None:
 
 
 def make_category(root: Path, textures, corrupt: str | None = "005_corrupt.png", seed: int = 0) -> Path:
-    """train/good (12 + an unreadable file), validation/{good,blob} with masks, test/{good,blob} with masks."""
+    """train/good (12 + an unreadable file), validation/{good (5),blob} with masks, test/{good,blob} with masks."""
     rng = np.random.default_rng(seed)
     for i in range(12):
         write_rgb(root / "train" / "good" / f"{i:03d}.png", textures.good(rng, SHAPE))
@@ -41,7 +42,7 @@ def make_category(root: Path, textures, corrupt: str | None = "005_corrupt.png",
         (root / "train" / "good" / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     centres = [(40, 30), (120, 60), (80, 48), (30, 70)]
     for split, gt in (("validation", root / "validation" / "ground_truth"), ("test", root / "ground_truth")):
-        for i in range(3 if split == "validation" else 2):
+        for i in range(5 if split == "validation" else 2):  # 5 held-out goods: enough for a position norm
             write_rgb(root / split / "good" / f"{i:03d}.png", textures.good(rng, SHAPE))
         for i in range(2):
             image, mask = textures.blob(textures.good(rng, SHAPE), centres.pop(), 7)
@@ -119,13 +120,65 @@ def test_fit_writes_a_bundle_that_loads_and_separates_defects(fitted: Fitted) ->
             assert mask.reshape(-1)[int(np.argmax(amap))], f"{sample.path}: anomaly map peaks outside the defect"
 
 
+def test_position_norm_is_learned_leave_one_out_and_shipped(fitted: Fitted) -> None:
+    report, manifest = fitted.report, manifest_of(fitted.report.bundle)
+    record = manifest["position_norm"]
+    assert record == {"mean": "calibration/position_mean.npy", "scale": "calibration/position_scale.npy",
+                      "images": 5}
+    engine = load(report.bundle, fitted)
+    norm = engine.position_norm
+    assert norm.mean.shape == norm.scale.shape == (1, 12, 20)
+    # The statistics are those of the held-out good images' raw patch maps ...
+    goods = [s for s in fitted.dataset.calibration if s.label == "good"]
+    feats = [engine.features(read_image(s.path)) for s in goods]
+    raw = np.stack([engine.scorer.score(f)[0] for f in feats])
+    np.testing.assert_allclose(norm.mean, raw.mean(0), rtol=1e-5, atol=1e-6)
+    # ... and each good image's calibration score is its score against the other four.
+    others = [PositionNorm.fit(np.delete(raw, i, axis=0)) for i in range(5)]
+    want = [engine.scorer.score(f, o)[1] for f, o in zip(feats, others, strict=True)]
+    np.testing.assert_allclose(sorted(report.calibration_scores["good"]), sorted(want), rtol=1e-4)
+    # The engine scores frames in normalised units: the maximum of the normalised patch map.
+    score = engine.score(read_image(fitted.dataset.test[0].path))
+    assert score.image_score == pytest.approx(float(score.patch_map.max()), rel=1e-6)
+
+
+def test_fit_without_position_norm_ships_none(tmp_path: Path, fitted: Fitted) -> None:
+    options = FitOptions(**{**OPTIONS.__dict__, "position_norm": False, "cache_dir": str(fitted.cache)})
+    report = fit(fitted.dataset, tmp_path / "model", options)
+    assert manifest_of(report.bundle)["position_norm"] is None
+    assert report.engine.position_norm is None and not (report.bundle / "calibration").exists()
+
+
+@pytest.mark.parametrize("name", ["position_mean.npy", "position_scale.npy"])
+def test_tampered_position_norm_is_refused(copy: Path, fitted: Fitted, name: str) -> None:
+    arr = np.load(copy / "calibration" / name)
+    np.save(copy / "calibration" / name, arr * 1.5)
+    with pytest.raises(BundleError, match=f"calibration/{name}"):
+        load(copy, fitted)
+
+
+def test_resealed_position_norm_for_another_grid_is_refused(copy: Path, fitted: Fitted) -> None:
+    for name in ("position_mean.npy", "position_scale.npy"):
+        np.save(copy / "calibration" / name, np.ones((1, 12, 10), np.float32))
+
+    def reseal(m: dict) -> None:
+        for name in ("position_mean.npy", "position_scale.npy"):
+            p = copy / "calibration" / name
+            m["files"][f"calibration/{name}"] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                                 "bytes": p.stat().st_size}
+
+    rewrite_manifest(copy, reseal)
+    with pytest.raises(BundleError, match=r"position norm is for a \(1, 12, 10\) patch grid"):
+        load(copy, fitted)
+
+
 def test_unreadable_training_image_is_skipped_and_reported(fitted: Fitted) -> None:
     report = fitted.report
     assert len(report.skipped) == 1
     path, reason = report.skipped[0]
     assert path.endswith("005_corrupt.png") and "not a readable image" in reason
     training = manifest_of(report.bundle)["training"]
-    assert training["images"] == {"train": 12, "calibration_good": 3, "calibration_defect": 2}
+    assert training["images"] == {"train": 12, "calibration_good": 5, "calibration_defect": 2}
     assert [s["path"] for s in training["skipped"]] == [path]
     assert manifest_of(report.bundle)["scorer"]["meta"]["bank"] == round(0.1 * 12 * 12 * 20)
 

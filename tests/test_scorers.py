@@ -10,7 +10,9 @@ import pytest
 
 from appliance.backbone import Backbone
 from appliance.errors import ConfigError, ScorerError
+from appliance.position_norm import PositionNorm
 from appliance.scorers import SCORERS, Padim, PatchCore, create
+from appliance.scorers.patchcore import position_partitions
 
 SHAPE = (96, 128)  # H, W of the images; the patch grid is 12 x 16
 PATCHCORE = {"coreset_ratio": 0.1, "shortlist": 16}
@@ -316,6 +318,62 @@ def test_patches_outside_the_valid_area_are_ignored(case: Case, kind: str, setti
     assert reference.score(f)[1] > score * 1.3
 
 
+# --- per-position normalisation -------------------------------------------------------------------------------------
+
+
+def good_norm(scorer, case: Case, valid: np.ndarray | None = None) -> PositionNorm:
+    """Position statistics from held-out good images' raw patch maps (exact ones for PatchCore)."""
+    source = clone(scorer, candidates="none") if scorer.type == "patchcore" else scorer
+    return PositionNorm.fit(np.stack([source.score(f)[0] for f in [*case.good, case.extra[0], case.extra[2]]]), valid)
+
+
+@pytest.mark.parametrize("reweight", [False, True])
+def test_normalised_certified_search_finds_the_exact_normalised_maximum(patchcore: PatchCore, case: Case,
+                                                                          reweight: bool) -> None:
+    scorer = clone(patchcore, reweight=reweight)
+    exact = clone(patchcore, candidates="none", reweight=reweight)
+    norm = good_norm(patchcore, case)
+    for f in [*case.extra, *(f for _, f, _ in case.defects), case.odd_good]:
+        patches, score = scorer.score(f, norm)
+        exact_patches, exact_score = exact.score(f, norm)
+        top = int(np.argmax(exact_patches))
+        assert int(np.argmax(patches)) == top
+        assert score == pytest.approx(exact_score, rel=1e-5, abs=1e-5)
+        np.testing.assert_allclose(exact_patches, norm.apply(exact.score(f)[0]), rtol=1e-6)
+        assert (patches >= exact_patches - 1e-4).all()  # elsewhere upper bounds, as without the norm
+        if reweight:
+            assert score <= patches.reshape(-1)[top] + 1e-6
+        else:
+            assert score == pytest.approx(float(patches.max()))
+
+
+def test_padim_normalised_scores_are_the_normalised_distances(padim: Padim, case: Case) -> None:
+    norm = good_norm(padim, case)
+    for _, f, _ in case.defects:
+        patches, score = padim.score(f, norm)
+        np.testing.assert_allclose(patches, norm.apply(padim.score(f)[0]), rtol=1e-6)
+        assert score == pytest.approx(float(patches.max()))
+
+
+@pytest.mark.parametrize(("kind", "settings"), [("patchcore", PATCHCORE), ("padim", PADIM)])
+def test_normalised_maximum_stays_inside_the_valid_area(case: Case, kind: str, settings: dict) -> None:
+    valid = np.ones((1, 12, 16), bool)
+    valid[:, :, 8:] = False
+    scorer = fitted(kind, settings, case, valid)
+    norm = good_norm(scorer, case, valid)
+    for f in [*case.extra, *(f for _, f, _ in case.defects)]:
+        patches, _ = scorer.score(f, norm)
+        assert valid.reshape(-1)[int(np.argmax(patches))]
+        assert (patches[~valid] == patches[valid].min()).all()
+
+
+@pytest.mark.parametrize("kind", ["patchcore", "padim"])
+def test_a_norm_for_another_grid_is_refused(request: pytest.FixtureRequest, case: Case, kind: str) -> None:
+    other = PositionNorm(np.zeros((1, 12, 8), np.float32), np.ones((1, 12, 8), np.float32), 5)
+    with pytest.raises(ScorerError, match="position norm has 96 positions"):
+        request.getfixturevalue(kind).score(case.good[0], other)
+
+
 # --- configuration and misuse ---------------------------------------------------------------------------------------
 
 
@@ -335,6 +393,7 @@ def test_registry_has_both_scorers() -> None:
         ("patchcore", {"candidates": "all"}, "patchcore.candidates must be one of"),
         ("patchcore", {"shortlist": 0}, "patchcore.shortlist must be >= 1"),
         ("patchcore", {"projection_dim": 0}, "patchcore.projection_dim must be >= 1"),
+        ("patchcore", {"coreset_partitions": 0}, "patchcore.coreset_partitions must be >= 1"),
         ("patchcore", {"nprobe": -1}, "patchcore.nprobe must be >= 1"),
         ("patchcore", {"max_bank": 0}, "patchcore.max_bank must be >= 1 or null"),
         ("padim", {"n_features": 0}, "padim.n_features must be >= 1 or null"),
@@ -385,3 +444,46 @@ def test_fit_errors(case: Case) -> None:
 def test_max_bank_caps_the_coreset(case: Case) -> None:
     scorer = fitted("patchcore", {"coreset_ratio": 1.0, "max_bank": 50}, case)
     assert scorer.bank.shape == (50, 152) and scorer.index.ntotal == 50
+
+
+# --- coreset partitions ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grid", "count", "sizes"),
+    [
+        ((1, 32, 78), 16, [160] * 7 + [128] + [160] * 7 + [128]),  # bands across the long side
+        ((8, 30, 36), 16, [540] * 16),  # two bands per tile
+        ((8, 30, 36), 4, [1080] * 8),  # at least one partition per tile
+        ((1, 12, 16), 16, [48] * 4),  # no band thinner than 4 patches
+        ((1, 40, 10), 4, [100] * 4),  # a portrait grid is cut across its height
+        ((1, 12, 16), 1, [192]),
+    ],
+)
+def test_position_partitions_cut_tiles_into_bands(grid: tuple[int, int, int], count: int, sizes: list[int]) -> None:
+    parts = position_partitions(grid, count)
+    assert parts.shape == (int(np.prod(grid)),)
+    assert np.bincount(parts).tolist() == sizes
+    t, h, w = grid
+    by_tile = parts.reshape(t, h, w)
+    for i in range(t):  # partitions never straddle tiles, and are contiguous bands
+        assert not set(np.unique(by_tile[i])) & set(np.unique(by_tile[:i]))
+        line = by_tile[i, 0] if w >= h else by_tile[i, :, 0]
+        assert (np.diff(line) >= 0).all()
+
+
+def test_partitioned_bank_covers_every_partition_and_keeps_the_search_exact(case: Case) -> None:
+    whole = fitted("patchcore", PATCHCORE | {"coreset_partitions": 1}, case)
+    split = fitted("patchcore", PATCHCORE | {"coreset_partitions": 4}, case)
+    assert split.bank.shape == whole.bank.shape
+    # Each bank row is a training patch; under partitions, every band contributes rows.
+    train = np.concatenate([f[0].reshape(152, -1).T for f in case.train]).astype(np.float16).astype(np.float32)
+    parts = np.tile(position_partitions((1, 12, 16), 4), len(case.train))
+    rows = [np.flatnonzero((train == b).all(1))[0] for b in split.bank]
+    assert set(parts[rows]) == {0, 1, 2, 3}
+    # Restricting each patch to its own band's rows costs little coverage, and the certified
+    # search still gives exact image scores.
+    assert 0 < split.coverage_radius <= whole.coverage_radius * 1.5  # (greedy in projected space: no strict order)
+    exact = clone(split, candidates="none")
+    for f in [*case.good, *case.extra]:
+        assert split.score(f)[1] == pytest.approx(exact.score(f)[1], rel=1e-5)

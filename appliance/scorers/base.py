@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import ConfigError
+from ..position_norm import PositionNorm
 
 #: Called after each training image with (images done, images total).
 Progress = Callable[[int, int], None]
@@ -51,8 +52,12 @@ class Scorer(ABC):
         """
 
     @abstractmethod
-    def score(self, features: np.ndarray) -> tuple[np.ndarray, float]:
-        """Patch scores ``[T, h, w]`` float32 and the raw image score for one image's features."""
+    def score(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, float]:
+        """Patch scores ``[T, h, w]`` float32 and the image score (their maximum) for one image's features.
+
+        With ``norm``, both are per-position normalised scores (see ``appliance.position_norm``),
+        and the image score is the exact maximum of the normalised patch scores.
+        """
 
     @abstractmethod
     def state(self) -> tuple[dict[str, np.ndarray], dict]:

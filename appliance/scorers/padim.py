@@ -21,6 +21,7 @@ from appliance_kernels import mahalanobis as mk
 from threadpoolctl import threadpool_limits
 
 from ..errors import ConfigError, ScorerError
+from ..position_norm import PositionNorm
 from .base import Progress, Scorer, register
 
 #: Positions inverted per chunk (bounds the float64 temporaries).
@@ -133,8 +134,8 @@ class Padim(Scorer):
         return {"images": count, "positions": int(self.positions), "channels": int(d),
                 "moments_s": round(t1 - t0, 3), "invert_s": round(time.perf_counter() - t1, 3)}
 
-    def score(self, features: np.ndarray) -> tuple[np.ndarray, float]:
-        """Mahalanobis distance at every position; the image score is the maximum."""
+    def score(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, float]:
+        """Mahalanobis distance at every position (normalised with ``norm``); the image score is the maximum."""
         if self.mean_blocks is None:
             raise ScorerError("PaDiM scorer used before fit or load")
         t, c, h, w = features.shape
@@ -146,6 +147,10 @@ class Padim(Scorer):
         dist = dist.reshape(t, h, w)
         if self.valid is not None:
             dist *= self.valid
+        if norm is not None:
+            if norm.mean.shape != dist.shape:
+                raise ScorerError(f"position norm has {norm.mean.size} positions, features {dist.size}")
+            dist = norm.apply(dist, self.valid)
         return dist, float(dist.max())
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:

@@ -29,6 +29,7 @@ from appliance_kernels.coreset import greedy_coreset
 from appliance_kernels.nn_search import graph_descent, shortlist_nn
 
 from ..errors import ConfigError, ScorerError
+from ..position_norm import PositionNorm
 from .base import Progress, Scorer, register
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
@@ -36,6 +37,8 @@ CANDIDATE_SOURCES = ("positional", "none")
 #: Patches searched exactly first (the largest bounds), then per round of the certified search.
 _REFINE_START = 2
 _REFINE_BATCH = 4
+#: Thinnest band (in patches) of a coreset partition.
+_MIN_BAND = 4
 #: Training patches sampled to measure the bank's coverage radius.
 _COVERAGE_SAMPLE = 20000
 
@@ -48,6 +51,10 @@ class PatchCoreConfig:
         coreset_ratio: fraction of training patches kept in the bank.
         max_bank: upper bound on the bank size (``None``: no bound).
         projection_dim: random-projection width for the coreset's distances.
+        coreset_partitions: the coreset is selected over this many position partitions (tiles, or
+            bands of a tile along its longer side): a patch is only covered by bank rows from its
+            own partition, which divides the coreset's work by about this number; 1: one
+            global selection, as the paper.
         num_neighbors: support size of the paper's image-score reweighting.
         reweight: apply the reweighting (anomalib does); off uses the plain maximum.
         index: FAISS index over the bank: ``flat`` (exact), ``hnsw`` or ``ivf``.
@@ -69,6 +76,7 @@ class PatchCoreConfig:
     coreset_ratio: float = 0.01
     max_bank: int | None = None
     projection_dim: int = 32
+    coreset_partitions: int = 16
     num_neighbors: int = 9
     reweight: bool = False
     index: str = "flat"
@@ -90,7 +98,8 @@ class PatchCoreConfig:
             raise ConfigError(f"patchcore.index must be one of {INDEX_TYPES}, got {self.index!r}")
         if self.candidates not in CANDIDATE_SOURCES:
             raise ConfigError(f"patchcore.candidates must be one of {CANDIDATE_SOURCES}, got {self.candidates!r}")
-        for name in ("projection_dim", "num_neighbors", "shortlist", "hnsw_m", "ef_search", "nprobe"):
+        for name in ("projection_dim", "coreset_partitions", "num_neighbors", "shortlist", "hnsw_m", "ef_search",
+                     "nprobe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"patchcore.{name} must be >= 1, got {getattr(self, name)}")
         if self.graph_degree < 0 or self.graph_steps < 0:
@@ -147,6 +156,22 @@ def build_graph(bank: np.ndarray, hnsw: faiss.Index, degree: int) -> np.ndarray:
     ok = np.take_along_axis(keep, first, 1)
     graph[:, : picked.shape[1]] = np.where(ok, picked, -1)
     return graph
+
+
+def position_partitions(grid: tuple[int, int, int], count: int) -> np.ndarray:
+    """``[T*h*w]`` partition of each patch position: about ``count`` parts, tiles first.
+
+    With at least ``count`` tiles, each tile is a partition; otherwise every tile is cut into
+    equal bands along its longer side, so that there are about ``count`` in all, none thinner
+    than ``_MIN_BAND`` patches (a patch's nearest bank rows come from around its position, not
+    necessarily from its own column).
+    """
+    t_count, h, w = grid
+    bands = min(max(1, -(-count // t_count)), max(1, max(h, w) // _MIN_BAND))  # ceil(count / T), not too thin
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    band = (xs * bands // w) if w >= h else (ys * bands // h)
+    parts = np.arange(t_count)[:, None, None] * bands + band[None]
+    return parts.reshape(-1).astype(np.int64)
 
 
 def build_shortlists(assign: np.ndarray, grid: tuple[int, int, int], length: int, radius: int) -> np.ndarray:
@@ -230,8 +255,10 @@ class PatchCore(Scorer):
         t1 = time.perf_counter()
         k = max(1, round(self.config.coreset_ratio * len(buf)))
         k = min(k, self.config.max_bank or k, len(buf))
-        selected, assign = greedy_coreset(buf, k, projection_dim=self.config.projection_dim,
-                                          seed=self.config.seed, return_assignment=True)
+        parts = position_partitions(grid, self.config.coreset_partitions)[keep]
+        selected, assign = greedy_coreset(buf, k, projection_dim=self.config.projection_dim, seed=self.config.seed,
+                                          partitions=np.tile(parts, count) if parts.max() > 0 else None,
+                                          return_assignment=True)
         t2 = time.perf_counter()
         full_assign = np.full((count, t * h * w), -1, np.int32)
         full_assign[:, keep] = assign.reshape(count, per_image)
@@ -284,14 +311,20 @@ class PatchCore(Scorer):
         _t, _c, p = x.shape
         return np.ascontiguousarray(x[rows // p, :, rows % p])
 
-    def nearest(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Squared NN distance ``[T*P]`` and bank row for every patch (exact at the top, see module doc)."""
+    def nearest(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Squared NN distance ``[T*P]`` and bank row for every patch (exact at the top, see module doc).
+
+        "The top" is by distance, or by normalised score with ``norm``: the patch with the largest
+        normalised score is then the one searched exactly.
+        """
         if self.bank is None:
             raise ScorerError("PatchCore scorer used before fit or load")
         t, c, h, w = features.shape
         if c != self.bank.shape[1] or t * h * w != self.shortlist.shape[0]:
             raise ScorerError(f"features {features.shape} do not fit this bank ({self.bank.shape[1]} channels, "
                               f"{self.shortlist.shape[0]} positions)")
+        if norm is not None and norm.mean.size != t * h * w:
+            raise ScorerError(f"position norm has {norm.mean.size} positions, features {t * h * w}")
         x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
         if self.config.candidates == "none":
             d2, nn = self.index.search(np.ascontiguousarray(x.transpose(0, 2, 1).reshape(-1, c)), 1)
@@ -300,32 +333,43 @@ class PatchCore(Scorer):
         d2, nn = shortlist_nn(x, self.bank, self.shortlist)
         if self.config.graph_steps and self.graph.shape[1]:
             graph_descent(x, self.bank, self.graph, d2, nn, self.config.graph_steps)
-        if self.valid is not None:
-            d2[~self.valid.reshape(-1)] = 0.0
+
+        def key(rows: np.ndarray) -> np.ndarray:
+            dist = np.sqrt(np.maximum(d2[rows], 0.0))
+            return dist if norm is None else norm.key(dist, rows)
+
         # Exact search for the largest bounds; every other patch only has to be shown to have
         # *some* bank row within the best exact distance M (first with the HNSW graph, which
         # usually finds one; exact search only for those it cannot clear).
         exact = np.zeros(d2.size, bool)
+        done = exact.copy()  # searched exactly, or outside the valid area
+        if self.valid is not None:
+            d2[~self.valid.reshape(-1)] = 0.0
+            done[~self.valid.reshape(-1)] = True
+        rows = np.flatnonzero(~done)
+        if not rows.size:
+            return np.maximum(d2, 0), nn
         tried = np.zeros(d2.size, bool)
-        top = np.argpartition(-d2, min(_REFINE_START, d2.size - 1))[:_REFINE_START]
+        top = rows[np.argpartition(-key(rows), min(_REFINE_START, rows.size - 1))[:_REFINE_START]]
         self._search(self.index, x, top, d2, nn)
-        exact[top] = True
-        best = float(d2[top].max())
+        exact[top] = done[top] = True
+        best = float(key(top).max())
         n_approx = 0
         while True:
-            open_rows = np.flatnonzero(~exact & (d2 > best))
+            open_rows = np.flatnonzero(~done)
+            open_rows = open_rows[key(open_rows) > best]
             fresh = open_rows[~tried[open_rows]]
             if fresh.size:
                 self._search(self.hnsw, x, fresh, d2, nn)
                 tried[fresh] = True
                 n_approx += fresh.size
-                open_rows = open_rows[d2[open_rows] > best]
+                open_rows = open_rows[key(open_rows) > best]
             if not open_rows.size:
                 break
-            batch = open_rows[np.argsort(-d2[open_rows])[:_REFINE_BATCH]]
+            batch = open_rows[np.argsort(-key(open_rows))[:_REFINE_BATCH]]
             self._search(self.index, x, batch, d2, nn)
-            exact[batch] = True
-            best = max(best, float(d2[batch].max()))
+            exact[batch] = done[batch] = True
+            best = max(best, float(key(batch).max()))
         self.refined_last = int(exact.sum())
         self.approx_last = n_approx
         return np.maximum(d2, 0), nn
@@ -336,18 +380,20 @@ class PatchCore(Scorer):
         better = (enn[:, 0] >= 0) & (ed2[:, 0] < d2[rows])
         d2[rows[better]], nn[rows[better]] = ed2[better, 0], enn[better, 0]
 
-    def score(self, features: np.ndarray) -> tuple[np.ndarray, float]:
-        """Patch scores (NN distances) and the image score (max, optionally reweighted)."""
-        d2, nn = self.nearest(features)
+    def score(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, float]:
+        """Patch scores (NN distances, normalised with ``norm``) and the image score (max, optionally reweighted)."""
+        d2, nn = self.nearest(features, norm)
         t, _, h, w = features.shape
         dist = np.sqrt(d2).reshape(t, h, w)
         if self.valid is not None:
             dist *= self.valid
-        top = int(np.argmax(dist))
-        image_score = float(dist.reshape(-1)[top])
+        patches = dist if norm is None else norm.apply(dist, self.valid)
+        top = int(np.argmax(patches))
+        image_score = float(patches.reshape(-1)[top])
         if self.config.reweight and self.bank.shape[0] > 1:
-            image_score *= self._reweight(features, top, int(nn[top]))
-        return dist, image_score
+            weighted = float(dist.reshape(-1)[top]) * self._reweight(features, top, int(nn[top]))
+            image_score = weighted if norm is None else float(norm.key(np.float32(weighted), np.array([top]))[0])
+        return patches, image_score
 
     def _reweight(self, features: np.ndarray, top: int, row: int) -> float:
         """The paper's weight ``1 - softmax(|m_test - m|)[nn]`` over the NN's bank neighbourhood, as anomalib."""

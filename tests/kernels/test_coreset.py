@@ -225,3 +225,71 @@ def test_zero_projection_dim_is_refused() -> None:
     x = gaussian_blobs(100, 8, seed=0)
     with np.errstate(divide="ignore", invalid="ignore"), pytest.raises(ValueError, match="projection"):
         greedy_coreset(x, 5, projection_dim=0)
+
+
+# --- regrouping and partitions ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("regroup_factor", [0, 2, 3])
+def test_repeated_regrouping_selects_what_the_reference_does(regroup_factor: int) -> None:
+    x = gaussian_blobs(3000, 12, seed=13)
+    got, assign = greedy_coreset(x, 200, projection_dim=None, seed=1, clusters=6, regroup_factor=regroup_factor,
+                                 return_assignment=True)  # factor 2: regroups at 12, 24, 48, 96, 192 centres
+    np.testing.assert_array_equal(got, greedy_coreset_reference(x, 200, int(got[0])))
+    d2, _ = brute_nearest(x, got)
+    np.testing.assert_allclose(d2[np.arange(len(x)), assign], d2.min(1), rtol=1e-5, atol=1e-5)
+
+
+def partitioned_reference(x: np.ndarray, partitions: np.ndarray, k: int, seeds: np.ndarray) -> np.ndarray:
+    """Greedy k-center within partitions (float64): after one seed per partition, each pick is the row
+    farthest from the selected rows of its own partition, over all partitions."""
+    x = x.astype(np.float64)
+    selected = list(seeds)
+    min_d2 = np.full(len(x), np.inf)
+    for s in seeds:
+        same = partitions == partitions[s]
+        min_d2[same] = np.minimum(min_d2[same], ((x[same] - x[s]) ** 2).sum(1))
+    while len(selected) < k:
+        nxt = int(np.argmax(min_d2))
+        selected.append(nxt)
+        same = partitions == partitions[nxt]
+        min_d2[same] = np.minimum(min_d2[same], ((x[same] - x[nxt]) ** 2).sum(1))
+    return np.array(selected)
+
+
+@pytest.mark.parametrize("clusters", [0, 5, 40])
+def test_partitioned_selection_is_greedy_within_each_partition(clusters: int) -> None:
+    x = gaussian_blobs(2400, 10, seed=14)
+    partitions = np.random.default_rng(0).integers(0, 4, len(x))
+    partitions[partitions == 3] = 5  # partition ids need not be consecutive
+    got, assign = greedy_coreset(x, 150, projection_dim=None, seed=2, clusters=clusters, partitions=partitions,
+                                 return_assignment=True)
+    parts = np.unique(partitions)
+    seeds = got[: len(parts)]
+    assert sorted(partitions[seeds]) == list(parts)  # each partition is seeded first
+    np.testing.assert_array_equal(got, partitioned_reference(x, partitions, 150, seeds))
+    # Each row is assigned to the nearest selected row of its own partition.
+    d2, _ = brute_nearest(x, got)
+    d2[partitions[:, None] != partitions[got][None, :]] = np.inf
+    np.testing.assert_allclose(d2[np.arange(len(x)), assign], d2.min(1), rtol=1e-5, atol=1e-5)
+
+
+def test_partitioned_pruned_and_plain_loops_agree_with_projection() -> None:
+    x = gaussian_blobs(4000, 152, seed=15)
+    partitions = np.arange(len(x)) % 8
+    plain = greedy_coreset(x, 160, projection_dim=24, seed=3, clusters=0, partitions=partitions)
+    pruned = greedy_coreset(x, 160, projection_dim=24, seed=3, clusters=16, regroup_factor=2, partitions=partitions)
+    np.testing.assert_array_equal(pruned, plain)
+
+
+def test_fewer_picks_than_partitions_seed_distinct_partitions() -> None:
+    x = gaussian_blobs(500, 6, seed=16)
+    partitions = np.arange(500) % 10
+    got = greedy_coreset(x, 4, projection_dim=None, partitions=partitions)
+    assert len(set(partitions[got])) == 4
+
+
+@pytest.mark.parametrize("bad", [np.zeros(3, np.int64), -np.ones(100, np.int64), np.zeros(100, np.float32)])
+def test_bad_partitions_are_refused(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="partitions"):
+        greedy_coreset(gaussian_blobs(100, 4, seed=0), 5, partitions=bad)

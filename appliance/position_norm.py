@@ -1,0 +1,87 @@
+"""Per-position normalisation of patch scores, learned from held-out good images.
+
+On a fixed camera some places are always busier than others: the part's edges,
+a reflection, the border of the frame. Their patch scores are high on every
+good image, so the image maximum comes from them and a small real defect
+elsewhere is hidden. Scoring each patch by how unusual it is *for its
+position*, ``(score - mean) / spread`` over held-out good images, removes
+that. It sits outside the model, beside the threshold: the scorer's memory
+bank or Gaussians are untouched, and a re-calibration never needs a refit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+#: Smallest spread, as a fraction of the median spread: a position where good images barely vary
+#: (a masked or saturated area) must not turn a tiny change into a huge score.
+SPREAD_FLOOR = 0.5
+#: Fewest good images to estimate a spread from.
+MIN_IMAGES = 3
+
+
+@dataclass(frozen=True)
+class PositionNorm:
+    """``(patch score - mean) / scale`` at every scorer position ``[T, h, w]``.
+
+    Attributes:
+        mean: mean patch score of the good calibration images, float32 ``[T, h, w]``.
+        scale: their standard deviation, floored, float32 ``[T, h, w]`` (> 0).
+        images: how many images the statistics come from.
+
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    images: int
+
+    def __post_init__(self) -> None:
+        if self.mean.shape != self.scale.shape or self.mean.ndim != 3:
+            raise ConfigError(f"position norm: mean {self.mean.shape} and scale {self.scale.shape} must be one "
+                              "[T, h, w] grid")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.scale).all() and (self.scale > 0).all()):
+            raise ConfigError("position norm: mean must be finite and scale finite and > 0")
+
+    @classmethod
+    def fit(cls, maps: np.ndarray, valid: np.ndarray | None = None) -> PositionNorm:
+        """Statistics of ``[N, T, h, w]`` patch-score maps of good images."""
+        maps = np.asarray(maps, np.float64)
+        if maps.ndim != 4 or maps.shape[0] < MIN_IMAGES:
+            raise ConfigError(f"position norm needs at least {MIN_IMAGES} good maps [N, T, h, w], got {maps.shape}")
+        n = maps.shape[0]
+        return cls._from_sums(maps.sum(0), (maps * maps).sum(0), n, valid)
+
+    @classmethod
+    def _from_sums(cls, s1: np.ndarray, s2: np.ndarray, n: int, valid: np.ndarray | None) -> PositionNorm:
+        mean = s1 / n
+        var = np.maximum(s2 - n * mean * mean, 0.0) / (n - 1)
+        std = np.sqrt(var)
+        inside = std if valid is None else std[np.asarray(valid, bool).reshape(std.shape)]
+        floor = max(SPREAD_FLOOR * float(np.median(inside)) if inside.size else 0.0, 1e-6)
+        return cls(mean.astype(np.float32), np.maximum(std, floor).astype(np.float32), n)
+
+    @classmethod
+    def leave_one_out(cls, maps: np.ndarray, valid: np.ndarray | None = None) -> list[PositionNorm]:
+        """For each map, the statistics of all the others: its score then is what an unseen image gets."""
+        maps = np.asarray(maps, np.float64)
+        n = maps.shape[0]
+        if n - 1 < MIN_IMAGES:
+            raise ConfigError(f"leave-one-out position norms need at least {MIN_IMAGES + 1} maps, got {n}")
+        s1, s2 = maps.sum(0), (maps * maps).sum(0)
+        return [cls._from_sums(s1 - m, s2 - m * m, n - 1, valid) for m in maps]
+
+    def apply(self, patches: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Normalised patch scores; outside ``valid``, the image's lowest valid value (never the maximum)."""
+        z = (np.asarray(patches, np.float32) - self.mean) / self.scale
+        if valid is not None:
+            inside = np.asarray(valid, bool).reshape(z.shape)
+            z[~inside] = z[inside].min() if inside.any() else 0.0
+        return z.astype(np.float32, copy=False)
+
+    def key(self, dist: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Normalised score of distances ``dist`` at flat positions ``positions`` (for search ordering)."""
+        return (dist - self.mean.reshape(-1)[positions]) / self.scale.reshape(-1)[positions]
