@@ -111,9 +111,8 @@ def _centre_distances(x, centres, offsets, dc):  # pragma: no cover - compiled
             dc[i] = np.sqrt(sq_dist(x[i], centres[g]))
 
 
-def _project(features: np.ndarray, rows: np.ndarray | None, matrix: np.ndarray, out: np.ndarray,
-             part: np.ndarray | None = None) -> None:
-    """out[i] = features[rows[i]] @ matrix, chunk by chunk (bounded temporaries).
+def _project(features: np.ndarray, matrix: np.ndarray, out: np.ndarray, part: np.ndarray | None = None) -> None:
+    """The projection ``features @ matrix``, chunk by chunk (bounded temporaries; ``features`` only needs row slices).
 
     With partitions, ``out`` has one more column: the row's partition times a distance no two
     rows of the same partition reach, so rows of different partitions never cover each other.
@@ -121,10 +120,9 @@ def _project(features: np.ndarray, rows: np.ndarray | None, matrix: np.ndarray, 
     n, d = out.shape[0], matrix.shape[1]
     for lo in range(0, n, config.CHUNK_ROWS):
         hi = min(n, lo + config.CHUNK_ROWS)
-        block = features[lo:hi] if rows is None else features[rows[lo:hi]]
-        np.matmul(block.astype(np.float32, copy=False), matrix, out=out[lo:hi, :d])
+        np.matmul(np.asarray(features[lo:hi]).astype(np.float32, copy=False), matrix, out=out[lo:hi, :d])
         if part is not None:
-            out[lo:hi, d] = part[lo:hi] if rows is None else part[rows[lo:hi]]
+            out[lo:hi, d] = part[lo:hi]
 
 
 def projection_matrix(dim_in: int, dim_out: int, seed: int) -> np.ndarray:
@@ -147,8 +145,9 @@ def greedy_coreset(
     """Indices of ``k`` rows of ``features`` chosen by greedy k-center selection.
 
     Args:
-        features: ``[N, D]`` float32 or float16 rows (not copied; only a projected
-            ``[N, projection_dim]`` float32 buffer is allocated).
+        features: ``[N, D]`` float32 or float16 rows, or anything with ``shape``, ``dtype`` and
+            row slices (a disk-backed store): read once, in chunks, never copied whole; only a
+            projected ``[N, projection_dim]`` float32 buffer is allocated.
         k: how many rows to select, ``1 <= k <= N``.
         projection_dim: random-projection width used for the distances; ``None``
             uses the features as they are.
@@ -168,7 +167,7 @@ def greedy_coreset(
         int64 indices into ``features``, in selection order (and the int32 assignment).
 
     """
-    if features.ndim != 2 or features.shape[0] == 0:
+    if len(features.shape) != 2 or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty [N, D] array, got shape {features.shape}")
     if features.dtype not in (np.float32, np.float16):
         raise ValueError(f"features must be float32 or float16, got {features.dtype}")
@@ -191,7 +190,7 @@ def greedy_coreset(
         part = partitions.astype(np.float32)  # scaled below, once the rows' extent is known
     width = matrix.shape[1] + (part is not None)
     x = np.empty((n, width), np.float32)
-    _project(features, None, matrix, x, part)
+    _project(features, matrix, x, part)
     if part is not None:  # partition p sits at p * spacing on an extra axis, beyond any in-partition distance
         step = config.CHUNK_ROWS
         norm2 = max(float(np.einsum("ij,ij->i", x[lo : lo + step, :-1], x[lo : lo + step, :-1]).max())

@@ -25,7 +25,7 @@ from appliance.training import FitOptions, FitReport, fit
 
 SHAPE = (96, 160)
 KEY = b"line-7 secret"
-OPTIONS = FitOptions(height=96, settings={"coreset_ratio": 0.1}, golden=3)
+OPTIONS = FitOptions(height=96, settings={"coreset_ratio": 0.1}, golden=3, position_norm_min_images=5)
 
 
 def write_rgb(path: Path, rgb: np.ndarray) -> None:
@@ -142,10 +142,15 @@ def test_position_norm_is_learned_leave_one_out_and_shipped(fitted: Fitted) -> N
     assert score.image_score == pytest.approx(float(score.patch_map.max()), rel=1e-6)
 
 
-def test_fit_without_position_norm_ships_none(tmp_path: Path, fitted: Fitted) -> None:
-    options = FitOptions(**{**OPTIONS.__dict__, "position_norm": False, "cache_dir": str(fitted.cache)})
+@pytest.mark.parametrize(("change", "says"), [
+    ({"position_norm": False}, "none"),
+    ({"position_norm_min_images": 6}, "none (5 held-out good images, 6 wanted)"),
+])
+def test_fit_without_position_norm_ships_none(tmp_path: Path, fitted: Fitted, change: dict, says: str) -> None:
+    options = FitOptions(**{**OPTIONS.__dict__, **change, "cache_dir": str(fitted.cache)})
     report = fit(fitted.dataset, tmp_path / "model", options)
     assert manifest_of(report.bundle)["position_norm"] is None
+    assert manifest_of(report.bundle)["training"]["position_norm"] == says
     assert report.engine.position_norm is None and not (report.bundle / "calibration").exists()
 
 

@@ -396,6 +396,7 @@ def test_registry_has_both_scorers() -> None:
         ("patchcore", {"coreset_partitions": 0}, "patchcore.coreset_partitions must be >= 1"),
         ("patchcore", {"nprobe": -1}, "patchcore.nprobe must be >= 1"),
         ("patchcore", {"max_bank": 0}, "patchcore.max_bank must be >= 1 or null"),
+        ("patchcore", {"spill_mb": -1}, "patchcore.spill_mb must be >= 0 or null"),
         ("padim", {"n_features": 0}, "padim.n_features must be >= 1 or null"),
         ("padim", {"ridge": 0}, "padim.ridge must be > 0"),
         ("padim", {"ridge": -0.5}, "padim.ridge must be > 0"),
@@ -487,3 +488,13 @@ def test_partitioned_bank_covers_every_partition_and_keeps_the_search_exact(case
     exact = clone(split, candidates="none")
     for f in [*case.good, *case.extra]:
         assert split.score(f)[1] == pytest.approx(exact.score(f)[1], rel=1e-5)
+
+
+def test_patches_spilled_to_a_file_give_the_same_model(case: Case) -> None:
+    memory = fitted("patchcore", PATCHCORE | {"spill_mb": None}, case)
+    spilled = create("patchcore", PATCHCORE | {"spill_mb": 0})
+    stats = spilled.fit(iter(case.train), len(case.train) + 2)  # two announced images never come
+    assert stats["spilled"] and stats["images"] == len(case.train)
+    np.testing.assert_array_equal(spilled.bank, memory.bank)
+    np.testing.assert_array_equal(spilled.shortlist, memory.shortlist)
+    assert spilled.coverage_radius == memory.coverage_radius

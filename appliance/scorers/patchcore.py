@@ -31,6 +31,7 @@ from appliance_kernels.nn_search import graph_descent, shortlist_nn
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
 from .base import Progress, Scorer, register
+from .spill import SpilledRows
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 CANDIDATE_SOURCES = ("positional", "none")
@@ -55,6 +56,8 @@ class PatchCoreConfig:
             bands of a tile along its longer side): a patch is only covered by bank rows from its
             own partition, which divides the coreset's work by about this number; 1: one
             global selection, as the paper.
+        spill_mb: training patches above this many MB are collected in a temporary file (in
+            ``TMPDIR``) rather than in memory (``None``: always in memory).
         num_neighbors: support size of the paper's image-score reweighting.
         reweight: apply the reweighting (anomalib does); off uses the plain maximum.
         index: FAISS index over the bank: ``flat`` (exact), ``hnsw`` or ``ivf``.
@@ -77,6 +80,7 @@ class PatchCoreConfig:
     max_bank: int | None = None
     projection_dim: int = 32
     coreset_partitions: int = 16
+    spill_mb: int | None = 512
     num_neighbors: int = 9
     reweight: bool = False
     index: str = "flat"
@@ -104,6 +108,8 @@ class PatchCoreConfig:
                 raise ConfigError(f"patchcore.{name} must be >= 1, got {getattr(self, name)}")
         if self.graph_degree < 0 or self.graph_steps < 0:
             raise ConfigError("patchcore.graph_degree and graph_steps must be >= 0")
+        if self.spill_mb is not None and self.spill_mb < 0:
+            raise ConfigError(f"patchcore.spill_mb must be >= 0 or null, got {self.spill_mb}")
         if self.max_bank is not None and self.max_bank < 1:
             raise ConfigError(f"patchcore.max_bank must be >= 1 or null, got {self.max_bank}")
 
@@ -229,49 +235,77 @@ class PatchCore(Scorer):
             progress: Progress | None = None) -> dict:
         """Collect valid training patches (float16), select the coreset, index it."""
         t0 = time.perf_counter()
-        buf = keep = None
-        count = 0
-        for x in features:
-            t, c, h, w = x.shape
-            if buf is None:
-                grid = (t, h, w)
-                keep = np.ones(t * h * w, bool) if valid is None else valid.reshape(-1).astype(bool)
-                per_image = int(keep.sum())
-                if per_image == 0:
-                    raise ScorerError("the valid-area mask leaves no patch to learn from")
-                buf = np.empty((n_images * per_image, c), np.float16)
-            elif (t, h, w) != grid:
-                raise ScorerError(f"training features changed shape from {grid} to {(t, h, w)}")
-            if count >= n_images:
-                raise ScorerError(f"more than the announced {n_images} training images")
-            rows = x.reshape(t, c, h * w).transpose(0, 2, 1).reshape(-1, c)
-            buf[count * per_image : (count + 1) * per_image] = rows[keep]
-            count += 1
-            if progress:
-                progress(count, n_images)
-        if buf is None:
-            raise ScorerError("no training images")
-        buf = buf[: count * per_image]
-        t1 = time.perf_counter()
-        k = max(1, round(self.config.coreset_ratio * len(buf)))
-        k = min(k, self.config.max_bank or k, len(buf))
-        parts = position_partitions(grid, self.config.coreset_partitions)[keep]
-        selected, assign = greedy_coreset(buf, k, projection_dim=self.config.projection_dim, seed=self.config.seed,
-                                          partitions=np.tile(parts, count) if parts.max() > 0 else None,
-                                          return_assignment=True)
-        t2 = time.perf_counter()
-        full_assign = np.full((count, t * h * w), -1, np.int32)
-        full_assign[:, keep] = assign.reshape(count, per_image)
-        shortlist = build_shortlists(full_assign, grid, self.config.shortlist, self.config.shortlist_radius)
-        self.set_bank(buf[selected], shortlist, valid)
-        t3 = time.perf_counter()
-        rng = np.random.default_rng(self.config.seed)
-        sample = buf[rng.choice(len(buf), min(len(buf), _COVERAGE_SAMPLE), replace=False)].astype(np.float32)
+        patches, grid, keep, count = self._collect(features, n_images, valid, progress)
+        try:
+            t1 = time.perf_counter()
+            n_rows = patches.shape[0]
+            k = max(1, round(self.config.coreset_ratio * n_rows))
+            k = min(k, self.config.max_bank or k, n_rows)
+            parts = position_partitions(grid, self.config.coreset_partitions)[keep]
+            selected, assign = greedy_coreset(patches, k, projection_dim=self.config.projection_dim,
+                                              seed=self.config.seed,
+                                              partitions=np.tile(parts, count) if parts.max() > 0 else None,
+                                              return_assignment=True)
+            t2 = time.perf_counter()
+            full_assign = np.full((count, keep.size), -1, np.int32)
+            full_assign[:, keep] = assign.reshape(count, -1)
+            shortlist = build_shortlists(full_assign, grid, self.config.shortlist, self.config.shortlist_radius)
+            self.set_bank(patches[selected], shortlist, valid)
+            t3 = time.perf_counter()
+            rng = np.random.default_rng(self.config.seed)
+            sample = patches[rng.choice(n_rows, min(n_rows, _COVERAGE_SAMPLE), replace=False)].astype(np.float32)
+        finally:
+            if isinstance(patches, SpilledRows):
+                patches.close()
         d2, _ = self.index.search(sample, 1)
         self.coverage_radius = float(np.sqrt(max(float(d2.max()), 0.0)))
-        return {"images": count, "patches": len(buf), "bank": k, "collect_s": round(t1 - t0, 3),
+        return {"images": count, "patches": n_rows, "bank": k, "collect_s": round(t1 - t0, 3),
                 "coreset_s": round(t2 - t1, 3), "index_s": round(t3 - t2, 3),
-                "coverage_radius": round(self.coverage_radius, 4)}
+                "coverage_radius": round(self.coverage_radius, 4), "spilled": isinstance(patches, SpilledRows)}
+
+    def _collect(self, features: Iterable[np.ndarray], n_images: int, valid: np.ndarray | None,
+                 progress: Progress | None) -> tuple[np.ndarray | SpilledRows, tuple[int, int, int], np.ndarray, int]:
+        """The valid patches of every training image as rows, with the patch grid, mask and image count."""
+        store = keep = grid = None
+        count = per_image = 0
+        try:
+            for x in features:
+                t, c, h, w = x.shape
+                if store is None:
+                    grid = (t, h, w)
+                    keep = np.ones(t * h * w, bool) if valid is None else valid.reshape(-1).astype(bool)
+                    per_image = int(keep.sum())
+                    if per_image == 0:
+                        raise ScorerError("the valid-area mask leaves no patch to learn from")
+                    store = self._patch_store(n_images * per_image, c)
+                elif (t, h, w) != grid:
+                    raise ScorerError(f"training features changed shape from {grid} to {(t, h, w)}")
+                if count >= n_images:
+                    raise ScorerError(f"more than the announced {n_images} training images")
+                rows = x.reshape(t, c, h * w).transpose(0, 2, 1).reshape(-1, c)[keep]
+                if isinstance(store, SpilledRows):
+                    store.write(count * per_image, rows)
+                else:
+                    store[count * per_image : (count + 1) * per_image] = rows
+                count += 1
+                if progress:
+                    progress(count, n_images)
+        except BaseException:
+            if isinstance(store, SpilledRows):
+                store.close()
+            raise
+        if store is None:
+            raise ScorerError("no training images")
+        n_rows = count * per_image
+        store = store.truncate(n_rows) if isinstance(store, SpilledRows) else store[:n_rows]
+        return store, grid, keep, count
+
+    def _patch_store(self, rows: int, dim: int) -> np.ndarray | SpilledRows:
+        """Where training patches are collected: memory, or a temporary file past ``spill_mb``."""
+        limit = self.config.spill_mb
+        if limit is not None and rows * dim * 2 > limit * 1e6:
+            return SpilledRows(rows, dim)
+        return np.empty((rows, dim), np.float16)
 
     def set_bank(self, bank: np.ndarray, shortlist: np.ndarray, valid: np.ndarray | None = None, *,
                  index: faiss.Index | None = None, hnsw: faiss.Index | None = None,
