@@ -307,12 +307,17 @@ def _batch_shape(spec: PreprocessSpec) -> tuple[int, int, int]:
 
 
 def check_golden_images(engine: Engine, path: Path, manifest: dict, precision: str) -> None:
-    """Score the stored golden images; refuse the bundle if any differs from its recorded score."""
+    """Score the stored golden images; refuse the bundle if any differs from its recorded score.
+
+    The tolerance is relative to the larger of the recorded score and the threshold: position-normalised
+    scores can sit near zero, where a relative test alone would trip on rounding.
+    """
     tol = GOLDEN_TOLERANCE.get(precision, 0.08)
+    threshold = abs(engine.calibration.threshold) if engine.calibration else 0.0
     for rec in manifest.get("golden", []):
         raw = engine.score(read_image(path / rec["file"])).image_score
         ref = rec["raw_score"]
-        if abs(raw - ref) > tol * max(abs(ref), 1e-6):
+        if abs(raw - ref) > tol * max(abs(ref), threshold, 1e-6):
             raise BundleError(
                 f"{path}: golden image {rec['file']} scores {raw:.5g} here but {ref:.5g} when the bundle was built "
                 f"(tolerance {tol:.0%}); the runtime's preprocessing or backbone differs from the build's")
