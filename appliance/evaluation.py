@@ -8,14 +8,16 @@ memory does not grow with the test set.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .datasets import Sample
 from .engine import Engine
 from .errors import ApplianceError
+from .imaging import read_image
 from .metrics import PixelMetrics, format_table, summarise
-from .training import StageProgress, score_samples
+from .training import StageProgress
+from .types import Frame
 
 
 @dataclass
@@ -30,6 +32,30 @@ class EvalResult:
     def table(self) -> str:
         """The summary as a terminal table."""
         return format_table(self.summary)
+
+
+def score_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple[str, str]],
+                  progress: StageProgress | None = None, stage: str = "score") -> Iterator[tuple[Sample, object]]:
+    """``(sample, Score)`` for each readable sample, pipelined; unreadable ones go to ``skipped``."""
+    by_key: dict[int, Sample] = {}
+
+    def frames() -> Iterator[Frame]:
+        for i, s in enumerate(samples):
+            try:
+                image = read_image(s.path)
+            except ApplianceError as exc:
+                skipped.append((str(s.path), str(exc)))
+                continue
+            by_key[i] = s
+            yield Frame(image=image, seq=i, source=str(s.path))
+
+    def failed(frame: Frame, exc: ApplianceError) -> None:
+        skipped.append((frame.source or "?", str(exc)))
+
+    for n, (frame, score, _) in enumerate(engine.score_stream(frames(), on_error=failed), 1):
+        if progress:
+            progress(stage, n, len(samples))
+        yield by_key.pop(frame.seq), score
 
 
 def evaluate(engine: Engine, samples: Sequence[Sample], *, pixel: bool = True,

@@ -32,7 +32,6 @@ from .imaging import read_image, read_mask
 from .position_norm import MIN_IMAGES, PositionNorm
 from .preprocess import Preprocessor, PreprocessSpec, plan_tiles
 from .scorers import SCORERS, Scorer, create
-from .types import Frame
 
 #: Called with (stage, done, total).
 StageProgress = Callable[[str, int, int], None]
@@ -57,9 +56,9 @@ class FitOptions:
         threads: CPU threads (``None``: all).
         target_false_reject_rate: threshold target when there are no labelled defects.
         position_norm: normalise patch scores per position by their mean and spread over the
-            held-out good images (see ``appliance.position_norm``) ...
-        position_norm_min_images: ... when there are at least this many. On the ball-screw data
-            10 images gave noisy spreads and no gain; 28 and more gave +0.5 to +2.5 AUROC points.
+            held-out good images (see ``appliance.position_norm``), if there are enough of them.
+        position_norm_min_images: how many are enough. On the ball-screw data, statistics from 10
+            images gave no gain (noisy spreads); from 28 and more, +0.5 to +2 image-AUROC points.
         golden: how many golden images to store.
         backbone: shipped backbone name (``None``: the scorer's own default embedding).
         cache_dir: OpenVINO cache folder.
@@ -159,30 +158,6 @@ def _load_valid_mask(path: str | None, source_size: tuple[int, int]) -> np.ndarr
     return None if path is None else read_mask(path, source_size)
 
 
-def score_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple[str, str]],
-                  progress: StageProgress | None = None, stage: str = "score") -> Iterator[tuple[Sample, object]]:
-    """``(sample, Score)`` for each readable sample, pipelined; unreadable ones go to ``skipped``."""
-    by_key: dict[int, Sample] = {}
-
-    def frames() -> Iterator[Frame]:
-        for i, s in enumerate(samples):
-            try:
-                image = read_image(s.path)
-            except ApplianceError as exc:
-                skipped.append((str(s.path), str(exc)))
-                continue
-            by_key[i] = s
-            yield Frame(image=image, seq=i, source=str(s.path))
-
-    def failed(frame: Frame, exc: ApplianceError) -> None:
-        skipped.append((frame.source or "?", str(exc)))
-
-    for n, (frame, score, _) in enumerate(engine.score_stream(frames(), on_error=failed), 1):
-        if progress:
-            progress(stage, n, len(samples))
-        yield by_key.pop(frame.seq), score
-
-
 def feature_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple[str, str]],
                     progress: StageProgress | None = None, stage: str = "features"
                     ) -> Iterator[tuple[Sample, np.ndarray]]:
@@ -212,6 +187,15 @@ def _calibration_scores(scorer: Scorer, goods: list[np.ndarray], valid: np.ndarr
     raw = np.stack([scorer.score(f)[0] for f in goods])
     scores = [scorer.score(f, norm)[1] for f, norm in zip(goods, PositionNorm.leave_one_out(raw, valid), strict=True)]
     return PositionNorm.fit(raw, valid), scores
+
+
+def _describe_norm(norm: PositionNorm | None, n_good: int, options: FitOptions) -> str:
+    """What the bundle records about its position norm, or why it has none."""
+    if norm is not None:
+        return f"patch scores normalised per position over {norm.images} good images"
+    if options.position_norm:
+        return f"none ({n_good} held-out good images, {options.position_norm_min_images} wanted)"
+    return "none"
 
 
 def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageProgress | None = None,
@@ -270,9 +254,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
         "images": {"train": n_train, "calibration_good": len(good), "calibration_defect": len(defect)},
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "fit": fit_stats, "calibration": calibration.describe(),
-        "position_norm": (f"patch scores normalised per position over {position_norm.images} good images"
-                          if position_norm else f"none ({len(good)} held-out good images, "
-                          f"{options.position_norm_min_images} wanted)" if options.position_norm else "none"),
+        "position_norm": _describe_norm(position_norm, len(good), options),
         "seconds": {"features_and_fit": round(t_fit - t_start, 2), "calibration": round(t_cal - t_fit, 2)},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
