@@ -29,6 +29,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "patchcore_50k": ("patchcore", ["--height", "256", "--coreset-ratio", "0.04"]),
     "patchcore_tiled": ("patchcore", ["--height", "448", "--tile", "240x288", "--overlap", "16",
                                       "--coreset-ratio", "0.005"]),
+    "patchcore_tiled_50k": ("patchcore", ["--height", "448", "--tile", "240x288", "--overlap", "16",
+                                          "--coreset-ratio", "0.0116", "--set", "coreset_partitions=32"]),
     "padim_256sq": ("padim", ["--height", "256", "--width", "256"]),
     "padim_256": ("padim", ["--height", "256"]),
     "padim_320": ("padim", ["--height", "320"]),

@@ -48,7 +48,7 @@ def measure(bundle: Path, images: list[np.ndarray], threads: int | None, warmup:
         t1 = time.perf_counter()
         feats = engine.backbone.infer(batch)
         t2 = time.perf_counter()
-        tile_scores, _ = scorer.score(feats)
+        tile_scores, _ = scorer.score(feats, engine.position_norm)
         t3 = time.perf_counter()
         engine.preprocessor.stitch(tile_scores)
         t4 = time.perf_counter()
