@@ -367,28 +367,36 @@ class PatchCore(Scorer):
         d2, nn = shortlist_nn(x, self.bank, self.shortlist)
         if self.config.graph_steps and self.graph.shape[1]:
             graph_descent(x, self.bank, self.graph, d2, nn, self.config.graph_steps)
+        if self.valid is not None:
+            d2[~self.valid.reshape(-1)] = 0.0
+        self._certify(x, d2, nn, norm)
+        return np.maximum(d2, 0), nn
+
+    def _certify(self, x: np.ndarray, d2: np.ndarray, nn: np.ndarray, norm: PositionNorm | None) -> None:
+        """Make the largest (normalised) patch score exact, in place; the other bounds stay bounds.
+
+        Exact search for the largest bounds; every other patch only has to be shown to have *some*
+        bank row within the best exact score (first with the HNSW graph, which usually finds one;
+        exact search only for those it cannot clear).
+        """
 
         def key(rows: np.ndarray) -> np.ndarray:
             dist = np.sqrt(np.maximum(d2[rows], 0.0))
             return dist if norm is None else norm.key(dist, rows)
 
-        # Exact search for the largest bounds; every other patch only has to be shown to have
-        # *some* bank row within the best exact distance M (first with the HNSW graph, which
-        # usually finds one; exact search only for those it cannot clear).
         exact = np.zeros(d2.size, bool)
         done = exact.copy()  # searched exactly, or outside the valid area
         if self.valid is not None:
-            d2[~self.valid.reshape(-1)] = 0.0
             done[~self.valid.reshape(-1)] = True
         rows = np.flatnonzero(~done)
+        self.refined_last = self.approx_last = 0
         if not rows.size:
-            return np.maximum(d2, 0), nn
+            return
         tried = np.zeros(d2.size, bool)
         top = rows[np.argpartition(-key(rows), min(_REFINE_START, rows.size - 1))[:_REFINE_START]]
         self._search(self.index, x, top, d2, nn)
         exact[top] = done[top] = True
         best = float(key(top).max())
-        n_approx = 0
         while True:
             open_rows = np.flatnonzero(~done)
             open_rows = open_rows[key(open_rows) > best]
@@ -396,7 +404,7 @@ class PatchCore(Scorer):
             if fresh.size:
                 self._search(self.hnsw, x, fresh, d2, nn)
                 tried[fresh] = True
-                n_approx += fresh.size
+                self.approx_last += fresh.size
                 open_rows = open_rows[key(open_rows) > best]
             if not open_rows.size:
                 break
@@ -405,8 +413,6 @@ class PatchCore(Scorer):
             exact[batch] = done[batch] = True
             best = max(best, float(key(batch).max()))
         self.refined_last = int(exact.sum())
-        self.approx_last = n_approx
-        return np.maximum(d2, 0), nn
 
     def _search(self, index: faiss.Index, x: np.ndarray, rows: np.ndarray, d2: np.ndarray, nn: np.ndarray) -> None:
         """Search ``rows`` of ``x`` in ``index``; keep the smaller of the found and the current distance."""
