@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import config
-from ._common import gather_position, nearest_of
+from ._common import gather_position, nearest_of, sq_dist
 
 _F = config.FASTMATH
 _C = config.CACHE
@@ -140,4 +140,132 @@ def graph_descent_reference(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, 
                 d2[i], nn[i] = d.min(), rows[np.argmin(d)]
             if nn[i] == start:
                 break
+    return d2, nn
+
+
+@njit(
+    "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], int64[::1], float32[::1], int32[::1], float32[::1],"
+    " int64)",
+    parallel=True, fastmath=_F, cache=_C,
+)
+def _graph_beam(x, bank, graph, rows, dist2, nearest, targets, max_expand):  # pragma: no cover - compiled
+    k_count = graph.shape[1]
+    cap = max_expand * k_count + 1
+    table = 1
+    while table < 4 * cap:
+        table *= 2
+    for i in prange(rows.shape[0]):
+        q = rows[i]
+        v = np.empty(x.shape[1], np.float32)
+        gather_position(x, q, v)
+        best, arg = dist2[q], nearest[q]
+        cand_d = np.empty(cap, np.float32)
+        cand_r = np.empty(cap, np.int32)
+        expanded = np.zeros(cap, np.bool_)
+        seen = np.full(table, -1, np.int32)
+        cand_d[0], cand_r[0] = best, arg
+        seen[(arg * 2654435761) & (table - 1)] = arg
+        n = 1
+        for _ in range(max_expand):
+            if best <= targets[i]:
+                break
+            j, bd = -1, np.float32(np.inf)
+            for m in range(n):  # nearest candidate not expanded yet (first in insertion order on ties)
+                if not expanded[m] and cand_d[m] < bd:
+                    j, bd = m, cand_d[m]
+            if j < 0:
+                break
+            expanded[j] = True
+            for kk in range(k_count):
+                nb = graph[cand_r[j], kk]
+                if nb < 0:
+                    break
+                h = (nb * 2654435761) & (table - 1)
+                fresh = True
+                while seen[h] >= 0:
+                    if seen[h] == nb:
+                        fresh = False
+                        break
+                    h = (h + 1) & (table - 1)
+                if not fresh:
+                    continue
+                seen[h] = nb
+                d = sq_dist(v, bank[nb])
+                cand_d[n], cand_r[n] = d, nb
+                n += 1
+                if d < best:
+                    best, arg = d, nb
+        dist2[q] = best
+        nearest[q] = arg
+
+
+def graph_beam(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, rows: np.ndarray, dist2: np.ndarray,
+               nearest: np.ndarray, targets: np.ndarray, max_expand: int = 32) -> None:
+    """Best-first search on the bank's k-NN graph for the queries ``rows``, in place.
+
+    From each query's current nearest bank row, repeatedly expand the nearest candidate not yet
+    expanded (adding its graph neighbours as candidates), until a row within ``targets[i]``
+    (squared) is found or ``max_expand`` rows were expanded. Unlike ``graph_descent`` it climbs
+    out of local minima; found distances are true distances to bank rows, so they stay upper
+    bounds of the exact nearest-neighbour distance.
+
+    Args:
+        x: ``[T, C, P]`` float32 queries.
+        bank: ``[B, C]`` float32 bank.
+        graph: ``[B, K]`` int32 nearest bank rows of each bank row (padded with -1).
+        rows: ``[R]`` int64 flat query positions to search.
+        dist2: ``[T*P]`` float32 current squared distances (updated at ``rows``).
+        nearest: ``[T*P]`` int32 current nearest rows (updated at ``rows``).
+        targets: ``[R]`` float32 squared distances that are good enough (negative: never).
+        max_expand: rows expanded per query at most.
+
+    """
+    n = x.shape[0] * x.shape[2]
+    if graph.dtype != np.int32 or graph.ndim != 2 or graph.shape[0] != bank.shape[0] or not graph.flags.c_contiguous:
+        raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")
+    if dist2.shape != (n,) or nearest.shape != (n,) or dist2.dtype != np.float32 or nearest.dtype != np.int32:
+        raise ValueError(f"dist2/nearest must be float32/int32 vectors of length {n}")
+    rows = np.ascontiguousarray(rows, np.int64)
+    targets = np.ascontiguousarray(targets, np.float32)
+    if rows.ndim != 1 or targets.shape != rows.shape:
+        raise ValueError(f"rows and targets must be vectors of one length, got {rows.shape} and {targets.shape}")
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError("rows must index the queries")
+    if rows.size and (nearest[rows].min() < 0 or nearest[rows].max() >= bank.shape[0]):
+        raise ValueError("nearest must index the bank at rows")
+    if max_expand < 0:
+        raise ValueError(f"max_expand must be >= 0, got {max_expand}")
+    if rows.size and max_expand:
+        _graph_beam(x, bank, graph, rows, dist2, nearest, targets, int(max_expand))
+
+
+def graph_beam_reference(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, rows: np.ndarray, dist2: np.ndarray,
+                         nearest: np.ndarray, targets: np.ndarray, max_expand: int = 32
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Plain NumPy version of ``graph_beam`` (returns new arrays); for tests."""
+    q = x.transpose(0, 2, 1).reshape(-1, x.shape[1]).astype(np.float64)
+    d2, nn = dist2.astype(np.float64).copy(), nearest.astype(np.int64).copy()
+    for i, row in enumerate(rows):
+        best, arg = d2[row], nn[row]
+        cand = [(best, arg)]
+        expanded = [False]
+        seen = {int(arg)}
+        for _ in range(max_expand):
+            if best <= targets[i]:
+                break
+            free = [m for m in range(len(cand)) if not expanded[m]]
+            if not free:
+                break
+            j = min(free, key=lambda m: (cand[m][0], m))
+            expanded[j] = True
+            for nb in _listed(graph[cand[j][1]]):
+                if int(nb) in seen:
+                    continue
+                seen.add(int(nb))
+                d = float(((bank[nb].astype(np.float64) - q[row]) ** 2).sum())
+                cand.append((d, nb))
+                expanded.append(False)
+                if d < best:
+                    best, arg = d, nb
+        d2[row], nn[row] = best, arg
     return d2, nn

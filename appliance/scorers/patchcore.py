@@ -7,14 +7,16 @@ searched approximately, grown and swapped without recompiling anything.
 Search at inference has two stages when ``candidates="positional"``:
 
 1. every query patch is compared with a short list of bank rows learned for its
-   position (the rows that training patches around that position matched). That
-   gives a true distance to some bank row, i.e. an upper bound of the exact
-   nearest-neighbour distance, in a fraction of the time of a full search;
-2. the patches with the largest bounds are searched exactly in the FAISS index,
-   in growing batches, until the largest exact distance found is at least the
-   largest remaining bound. The image score is then exactly what an exhaustive
-   search gives; only patches far below the maximum keep their (slightly high)
-   bound in the anomaly map.
+   position (the rows that training patches around that position matched), then
+   a couple of greedy steps on the bank's k-NN graph. That gives a true distance
+   to some bank row, i.e. an upper bound of the exact nearest-neighbour distance,
+   in a fraction of the time of a full search;
+2. the patches with the largest bounds (by normalised score when the bundle has
+   a position norm) are tightened (graph search, then HNSW) and searched exactly
+   in the FAISS index until the largest exact score found is at least every
+   remaining bound. The image score is then exactly what an exhaustive search
+   gives; only patches below the maximum keep their (slightly high) bound in the
+   anomaly map.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 from appliance_kernels.coreset import greedy_coreset
-from appliance_kernels.nn_search import graph_descent, shortlist_nn
+from appliance_kernels.nn_search import graph_beam, graph_descent, shortlist_nn
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
@@ -35,9 +37,14 @@ from .spill import SpilledRows
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 CANDIDATE_SOURCES = ("positional", "none")
-#: Patches searched exactly first (the largest bounds), then per round of the certified search.
+#: Certified search: bounds tightened per round while many patches are open; patches searched
+#: exactly per round then, and per round once few are left; "few"; graph rows expanded per patch.
+_LAZY_BATCH = 16
 _REFINE_START = 2
 _REFINE_BATCH = 4
+_CLEAR_BULK = 64
+_BEAM_EXPAND = 32
+_EXACT = 3
 #: Thinnest band (in patches) of a coreset partition.
 _MIN_BAND = 4
 #: Training patches sampled to measure the bank's coverage radius.
@@ -375,44 +382,67 @@ class PatchCore(Scorer):
     def _certify(self, x: np.ndarray, d2: np.ndarray, nn: np.ndarray, norm: PositionNorm | None) -> None:
         """Make the largest (normalised) patch score exact, in place; the other bounds stay bounds.
 
-        Exact search for the largest bounds; every other patch only has to be shown to have *some*
-        bank row within the best exact score (first with the HNSW graph, which usually finds one;
-        exact search only for those it cannot clear).
+        A lazy loop over the largest bounds: each is first tightened by a best-first search on the
+        bank's k-NN graph, then by HNSW, and only then searched exactly. That raises the best exact
+        score M quickly even when the largest bounds were loose. Once few patches remain above M,
+        each only has to be shown to have *some* bank row within M: graph search with M as its
+        target clears most, HNSW most of the rest, and exact search settles what is left.
         """
+        sigma = None if norm is None else norm.scale.reshape(-1)
+        mu = None if norm is None else norm.mean.reshape(-1)
 
         def key(rows: np.ndarray) -> np.ndarray:
             dist = np.sqrt(np.maximum(d2[rows], 0.0))
-            return dist if norm is None else norm.key(dist, rows)
+            return dist if norm is None else (dist - mu[rows]) / sigma[rows]
 
-        exact = np.zeros(d2.size, bool)
-        done = exact.copy()  # searched exactly, or outside the valid area
+        def target(rows: np.ndarray, best: float) -> np.ndarray:  # squared distance that scores best
+            limit = np.full(rows.size, best) if norm is None else mu[rows] + best * sigma[rows]
+            return np.where(limit >= 0, limit * limit, -1.0).astype(np.float32)
+
+        state = np.zeros(d2.size, np.int8)  # 0 bound, 1 graph-searched, 2 HNSW-searched, 3 exact
         if self.valid is not None:
-            done[~self.valid.reshape(-1)] = True
-        rows = np.flatnonzero(~done)
+            state[~self.valid.reshape(-1)] = _EXACT  # nothing to certify outside the valid area
+        candidates = np.flatnonzero(state < _EXACT)
+        best = -np.inf
         self.refined_last = self.approx_last = 0
-        if not rows.size:
-            return
-        tried = np.zeros(d2.size, bool)
-        top = rows[np.argpartition(-key(rows), min(_REFINE_START, rows.size - 1))[:_REFINE_START]]
-        self._search(self.index, x, top, d2, nn)
-        exact[top] = done[top] = True
-        best = float(key(top).max())
-        while True:
-            open_rows = np.flatnonzero(~done)
-            open_rows = open_rows[key(open_rows) > best]
-            fresh = open_rows[~tried[open_rows]]
-            if fresh.size:
-                self._search(self.hnsw, x, fresh, d2, nn)
-                tried[fresh] = True
-                self.approx_last += fresh.size
-                open_rows = open_rows[key(open_rows) > best]
-            if not open_rows.size:
+        while candidates.size:
+            candidates = candidates[(state[candidates] < _EXACT) & (key(candidates) > best)]
+            if not candidates.size:
                 break
-            batch = open_rows[np.argsort(-key(open_rows))[:_REFINE_BATCH]]
-            self._search(self.index, x, batch, d2, nn)
-            exact[batch] = done[batch] = True
-            best = max(best, float(key(batch).max()))
-        self.refined_last = int(exact.sum())
+            if candidates.size <= _CLEAR_BULK and best > -np.inf:
+                fresh = candidates[state[candidates] == 0]
+                graph_beam(x, self.bank, self.graph, fresh, d2, nn, target(fresh, best), _BEAM_EXPAND)
+                state[fresh] = 1
+                candidates = candidates[key(candidates) > best]
+                fresh = candidates[state[candidates] == 1]
+                self._search(self.hnsw, x, fresh, d2, nn)
+                state[fresh] = 2
+                self.approx_last += fresh.size
+                candidates = candidates[key(candidates) > best]
+                batch = candidates[np.argsort(-key(candidates))[:_REFINE_BATCH]]
+            else:
+                k = min(_LAZY_BATCH, candidates.size)
+                top = candidates[np.argpartition(-key(candidates), k - 1)[:k]]
+                for stage in (0, 1):
+                    fresh = top[state[top] == stage]
+                    if fresh.size:
+                        break
+                if fresh.size and stage == 0:
+                    graph_beam(x, self.bank, self.graph, fresh, d2, nn, np.full(fresh.size, -1.0, np.float32),
+                               _BEAM_EXPAND)
+                    state[fresh] = 1
+                    continue
+                if fresh.size:
+                    self._search(self.hnsw, x, fresh, d2, nn)
+                    state[fresh] = 2
+                    self.approx_last += fresh.size
+                    continue
+                batch = top[np.argsort(-key(top))[:_REFINE_START]]
+            if batch.size:
+                self._search(self.index, x, batch, d2, nn)
+                state[batch] = _EXACT
+                self.refined_last += batch.size
+                best = max(best, float(key(batch).max()))
 
     def _search(self, index: faiss.Index, x: np.ndarray, rows: np.ndarray, d2: np.ndarray, nn: np.ndarray) -> None:
         """Search ``rows`` of ``x`` in ``index``; keep the smaller of the found and the current distance."""

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from appliance_kernels.nn_search import graph_descent, graph_descent_reference, shortlist_nn, shortlist_nn_reference
+from appliance_kernels.nn_search import (
+    graph_beam,
+    graph_beam_reference,
+    graph_descent,
+    graph_descent_reference,
+    shortlist_nn,
+    shortlist_nn_reference,
+)
 
 
 def problem(t: int, c: int, p: int, b: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,3 +161,63 @@ def test_graph_descent_validation() -> None:
         graph_descent(x, bank, np.full((20, 3), 25, np.int32), d2, nearest)
     with pytest.raises(ValueError, match="dist2/nearest"):
         graph_descent(x, bank, knn_graph(bank, 3), d2[:5], nearest)
+
+
+# --- graph beam ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expand", [1, 4, 16])
+def test_graph_beam_matches_reference_and_escapes_local_minima(expand: int) -> None:
+    x, bank, shortlist = problem(2, 16, 60, 300, 3, seed=11)
+    graph = knn_graph(bank, 6)
+    d2, nearest = shortlist_nn(x, bank, shortlist)
+    graph_descent(x, bank, graph, d2, nearest, 50)  # greedy descent to its local minima
+    stuck = d2.copy()
+    rows = np.arange(0, 120, 3, dtype=np.int64)
+    targets = np.full(rows.size, -1.0, np.float32)  # never good enough: the full budget is spent
+    ref_d2, ref_nn = graph_beam_reference(x, bank, graph, rows, d2, nearest, targets, expand)
+    graph_beam(x, bank, graph, rows, d2, nearest, targets, expand)
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(nearest, ref_nn)
+    untouched = np.setdiff1d(np.arange(d2.size), rows)
+    np.testing.assert_array_equal(d2[untouched], stuck[untouched])
+    assert (d2 <= stuck).all()
+    if expand > 1:
+        assert (d2[rows] < stuck[rows]).any()  # best-first search leaves minima greedy descent cannot
+    np.testing.assert_allclose(d2, ((queries(x) - bank[nearest]) ** 2).sum(1), rtol=1e-5, atol=1e-5)
+    exact = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1).min(1)
+    assert (d2 >= exact * (1 - 1e-5) - 1e-6).all()
+
+
+def test_graph_beam_stops_at_its_target() -> None:
+    x, bank, shortlist = problem(1, 16, 50, 300, 2, seed=12)
+    graph = knn_graph(bank, 6)
+    d2, nearest = shortlist_nn(x, bank, shortlist)
+    rows = np.arange(50, dtype=np.int64)
+    exact = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1).min(1)
+    lenient = (d2 * 1.01).astype(np.float32)  # already met: nothing moves
+    before = (d2.copy(), nearest.copy())
+    graph_beam(x, bank, graph, rows, d2, nearest, lenient, 32)
+    np.testing.assert_array_equal(d2, before[0])
+    np.testing.assert_array_equal(nearest, before[1])
+    midway = ((d2 + exact) / 2).astype(np.float32)  # reachable: stop as soon as under it
+    ref_d2, _ = graph_beam_reference(x, bank, graph, rows, d2, nearest, midway, 32)
+    graph_beam(x, bank, graph, rows, d2, nearest, midway, 32)
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-5, atol=1e-5)
+    assert ((d2 <= midway) | (d2 == before[0])).mean() > 0.9
+
+
+def test_graph_beam_validation() -> None:
+    x, bank, shortlist = problem(1, 8, 10, 20, 2, seed=2)
+    d2, nearest = shortlist_nn(x, bank, shortlist)
+    graph = knn_graph(bank, 3)
+    rows, targets = np.array([0, 3]), np.zeros(2, np.float32)
+    with pytest.raises(ValueError, match="graph must be"):
+        graph_beam(x, bank, graph.astype(np.int64), rows, d2, nearest, targets)
+    with pytest.raises(ValueError, match="one length"):
+        graph_beam(x, bank, graph, rows, d2, nearest, targets[:1])
+    with pytest.raises(ValueError, match="rows must index"):
+        graph_beam(x, bank, graph, np.array([10]), d2, nearest, targets[:1])
+    with pytest.raises(ValueError, match="max_expand"):
+        graph_beam(x, bank, graph, rows, d2, nearest, targets, -1)
+    graph_beam(x, bank, graph, np.array([], np.int64), d2, nearest, np.array([], np.float32))  # nothing to do
