@@ -4,13 +4,15 @@ Raw scores (a distance in feature space) mean nothing to an operator. A logistic
 map puts them in [0, 1] with the calibrated threshold at exactly 0.5 and a slope
 set by the spread of good scores, so "0.7" reads the same for every model. The
 threshold is the best-F1 cut when labelled defects are available, otherwise the
-quantile of good scores that gives the target false-reject rate; which one was
-used is recorded, because they mean different things on the line.
+level of good scores that gives the target false-reject rate (the sample quantile,
+or a normal fit when there are too few images for it); which one was used is
+recorded, because they mean different things on the line.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
@@ -58,7 +60,8 @@ class Calibration:
             return (f"threshold by best F1 on {s.get('n_good')} good + {s.get('n_defect')} defect calibration "
                     f"images (F1 {s.get('f1', 0):.3f}, false rejects {s.get('false_reject_rate', 0):.1%})")
         return (f"threshold by target false-reject rate {self.target_false_reject_rate:.1%} on "
-                f"{s.get('n_good')} good calibration images (no labelled defects)")
+                f"{s.get('n_good')} good calibration images (no labelled defects; "
+                f"{s.get('threshold_from', 'sample quantile')})")
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -95,9 +98,23 @@ def calibrate(good: np.ndarray, defect: np.ndarray | None = None, target_false_r
         method, target = "best_f1", None
     else:
         labels, scores = np.zeros(good.size, bool), good
-        threshold = float(np.quantile(good, 1.0 - target_false_reject_rate, method="higher"))
-        threshold += 1e-6 * max(1.0, abs(threshold))  # strictly above the quantile image
+        threshold, source = _false_reject_threshold(good, target_false_reject_rate)
         method, target = "false_reject_rate", target_false_reject_rate
     stats = {k: v for k, v in binary_stats(labels, scores, threshold).items() if v is not None}
     stats |= {"n_good": int(good.size), "n_defect": int(defect.size)}
+    if not defect.size:
+        stats["threshold_from"] = source
     return Calibration(float(threshold), float(scale), method, target, stats)
+
+
+def _false_reject_threshold(good: np.ndarray, rate: float) -> tuple[float, str]:
+    """The good-score level that about ``rate`` of good images exceed, and how it was found.
+
+    The sample quantile cannot see past the highest calibration image: with 6 good images a
+    1 % target gives their maximum, which about 1 in 7 new good images exceed. A normal fit to
+    the good scores (mean + z * spread) extrapolates; the higher of the two is used.
+    """
+    quantile = float(np.quantile(good, 1.0 - rate, method="higher"))
+    fitted = float(good.mean() + NormalDist().inv_cdf(1.0 - rate) * good.std(ddof=1))
+    threshold, source = (fitted, "normal fit") if fitted > quantile else (quantile, "sample quantile")
+    return threshold + 1e-6 * max(1.0, abs(threshold)), source  # strictly above the quantile image

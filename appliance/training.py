@@ -112,15 +112,34 @@ def _first_readable(samples: Sequence[Sample]) -> np.ndarray:
     raise DatasetError("no readable training image: " + "; ".join(reasons[:3]))
 
 
+def in_order(items: Iterator[tuple[int, object]]) -> Iterator[object]:
+    """Values of ``(key, value)`` pairs numbered 0, 1, 2, ... that arrive in any order, in key order."""
+    pending: dict[int, object] = {}
+    nxt = 0
+    for key, value in items:
+        pending[key] = value
+        while nxt in pending:
+            yield pending.pop(nxt)
+            nxt += 1
+    if pending:
+        raise RuntimeError(f"results {sorted(pending)} arrived without result {nxt}")
+
+
 def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Backbone,
                     skipped: list[tuple[str, str]], progress: StageProgress | None) -> Iterator[np.ndarray]:
-    """Backbone features of each readable sample, decoded ahead on a reader thread; bad ones go to ``skipped``."""
+    """Backbone features of each readable sample, in sample order; bad ones go to ``skipped``.
+
+    Images are decoded ahead on a reader thread and the backbone runs asynchronous requests,
+    which may finish out of order: results are put back in submission order, so the same
+    data always gives the same model.
+    """
     results: queue.Queue = queue.Queue()
     slots = threading.Semaphore(4)
     stop = threading.Event()
 
     def reader() -> None:
         try:
+            submitted = 0
             for s in samples:
                 if stop.is_set():
                     return
@@ -130,7 +149,8 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
                     skipped.append((str(s.path), str(exc)))
                     continue
                 slots.acquire()
-                backbone.submit(batch, None, lambda feats, _: results.put(feats))
+                backbone.submit(batch, submitted, lambda feats, key: results.put((key, feats)))
+                submitted += 1
             backbone.wait()
             results.put(None)
         except BaseException as exc:  # surfaced in the consumer
@@ -138,16 +158,18 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
 
     thread = threading.Thread(target=reader, name="fit-reader", daemon=True)
     thread.start()
-    done = 0
-    try:
+    def arrivals() -> Iterator[tuple[int, np.ndarray]]:
         while (item := results.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
+            yield item
+
+    try:
+        for done, feats in enumerate(in_order(arrivals()), 1):
             slots.release()
-            done += 1
             if progress:
                 progress("features", done + len(skipped), len(samples))
-            yield item
+            yield feats
     finally:
         stop.set()
         for _ in range(4):

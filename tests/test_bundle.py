@@ -21,7 +21,7 @@ from appliance.datasets import Dataset, load_mvtec
 from appliance.errors import BundleError, DatasetError
 from appliance.imaging import read_image
 from appliance.position_norm import PositionNorm
-from appliance.training import FitOptions, FitReport, fit
+from appliance.training import FitOptions, FitReport, fit, in_order
 
 SHAPE = (96, 160)
 KEY = b"line-7 secret"
@@ -140,6 +140,31 @@ def test_position_norm_is_learned_leave_one_out_and_shipped(fitted: Fitted) -> N
     # The engine scores frames in normalised units: the maximum of the normalised patch map.
     score = engine.score(read_image(fitted.dataset.test[0].path))
     assert score.image_score == pytest.approx(float(score.patch_map.max()), rel=1e-6)
+
+
+def test_results_arriving_out_of_order_are_yielded_in_order() -> None:
+    keys = np.random.default_rng(0).permutation(50)
+    assert list(in_order((int(k), f"img{k}") for k in keys)) == [f"img{k}" for k in range(50)]
+    # Each result is released as soon as everything before it has arrived, not at the end.
+    seen = []
+    for value in in_order(iter([(1, "b"), (0, "a"), (3, "d"), (2, "c")])):
+        seen.append(value)
+        if value == "b":
+            break
+    assert seen == ["a", "b"]
+    with pytest.raises(RuntimeError, match=r"results \[2\] arrived without result 1"):
+        list(in_order(iter([(0, "a"), (2, "c")])))
+
+
+def test_fitting_the_same_data_twice_gives_the_same_model(tmp_path: Path, fitted: Fitted) -> None:
+    """Asynchronous feature extraction finishes out of order; the model must not depend on that."""
+    options = FitOptions(**{**OPTIONS.__dict__, "cache_dir": str(fitted.cache)})
+    again = fit(fitted.dataset, tmp_path / "again", options)
+    for name in ("bank", "shortlist"):
+        np.testing.assert_array_equal(np.load(again.bundle / "scorer" / f"{name}.npy"),
+                                      np.load(fitted.report.bundle / "scorer" / f"{name}.npy"))
+    np.testing.assert_array_equal(again.engine.position_norm.mean, fitted.report.engine.position_norm.mean)
+    assert manifest_of(again.bundle)["calibration"] == manifest_of(fitted.report.bundle)["calibration"]
 
 
 @pytest.mark.parametrize(("change", "says"), [
