@@ -16,7 +16,7 @@ def test_threshold_maps_to_one_half_and_the_map_is_monotonic() -> None:
     assert cal.normalise(10.0) == pytest.approx(0.5)
     raw = np.linspace(-50, 80, 200)
     out = cal.normalise(raw)
-    assert out.dtype == np.float32 and ((0 <= out) & (out <= 1)).all() and (np.diff(out) >= 0).all()
+    assert out.dtype == np.float32 and ((out >= 0) & (out <= 1)).all() and (np.diff(out) >= 0).all()
     assert cal.normalise(12.0) == pytest.approx(1 / (1 + np.exp(-1)))  # one scale above: logit 1
     assert cal.normalise(1e6) == 1.0 and cal.normalise(-1e6) == 0.0  # no overflow
 
