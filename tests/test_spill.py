@@ -53,3 +53,8 @@ def test_a_full_disk_is_a_clear_scorer_error(tmp_path) -> None:
     with pytest.raises(ScorerError, match=r"no room for 0 MB of training patches in .*TMPDIR"):
         store.write(0, np.ones((2, 4)))
     store.close()
+
+
+def test_an_unusable_temporary_folder_is_a_clear_scorer_error(tmp_path) -> None:
+    with pytest.raises(ScorerError, match=r"cannot create a temporary file for training patches in .*missing"):
+        SpilledRows(10, 4, str(tmp_path / "missing"))

@@ -32,7 +32,12 @@ class SpilledRows:
     def __init__(self, rows: int, dim: int, directory: str | None = None) -> None:
         self.shape = (rows, dim)
         self._row_bytes = dim * self.dtype.itemsize
-        fd, path = tempfile.mkstemp(prefix="appliance-patches-", dir=directory)
+        try:
+            fd, path = tempfile.mkstemp(prefix="appliance-patches-", dir=directory)
+        except OSError as exc:
+            raise ScorerError(f"cannot create a temporary file for training patches in "
+                              f"{directory or tempfile.gettempdir()}: {exc.strerror or exc}; point TMPDIR at a "
+                              "writable folder, or raise patchcore.spill_mb to keep them in memory") from exc
         os.unlink(path)  # nothing to clean up after a crash
         self._fd: int | None = fd
         self._where = path
