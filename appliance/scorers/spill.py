@@ -30,6 +30,7 @@ class SpilledRows:
     dtype = np.dtype(np.float16)
 
     def __init__(self, rows: int, dim: int, directory: str | None = None) -> None:
+        self._fd: int | None = None
         self.shape = (rows, dim)
         self._row_bytes = dim * self.dtype.itemsize
         try:
@@ -39,7 +40,7 @@ class SpilledRows:
                               f"{directory or tempfile.gettempdir()}: {exc.strerror or exc}; point TMPDIR at a "
                               "writable folder, or raise patchcore.spill_mb to keep them in memory") from exc
         os.unlink(path)  # nothing to clean up after a crash
-        self._fd: int | None = fd
+        self._fd = fd
         self._where = path
 
     def write(self, start: int, rows: np.ndarray) -> None:
