@@ -89,8 +89,11 @@ class Backbone:
             self._request.infer({0: batch}, share_inputs=True)
             return self._request.get_output_tensor(0).data.copy()
 
-    def submit(self, batch: np.ndarray, userdata: Any, callback: Callable[[np.ndarray, Any], None]) -> None:
-        """Start an asynchronous inference; ``callback(features, userdata)`` runs when it is done.
+    def submit(self, batch: np.ndarray, userdata: Any, callback: Callable[[np.ndarray, Any, float], None]) -> None:
+        """Start an asynchronous inference; ``callback(features, userdata, seconds)`` runs when it is done.
+
+        ``seconds`` is the inference's own duration (OpenVINO's request latency), without the wait
+        for a free request.
 
         Blocks only while all ``streams`` requests are busy.
         """
@@ -101,9 +104,9 @@ class Backbone:
         self._queue.start_async({0: batch}, (callback, userdata), share_inputs=False)
 
     @staticmethod
-    def _done(request: ov.InferRequest, payload: tuple[Callable[[np.ndarray, Any], None], Any]) -> None:
+    def _done(request: ov.InferRequest, payload: tuple[Callable[[np.ndarray, Any, float], None], Any]) -> None:
         callback, userdata = payload
-        callback(request.get_output_tensor(0).data.copy(), userdata)
+        callback(request.get_output_tensor(0).data.copy(), userdata, request.latency / 1e3)
 
     def wait(self) -> None:
         """Block until every submitted inference has called back."""

@@ -104,15 +104,17 @@ class Engine:
         A frame that cannot be preprocessed is passed to ``on_error`` (or raises if none) and skipped.
 
         Yields:
-            ``(frame, score, seconds per stage)``.
+            ``(frame, score, seconds per stage)``: ``backbone`` is the inference itself,
+            ``compute`` the frame's own work (preprocess + backbone + scorer), ``total`` the time
+            from submission to score, which includes waiting behind other frames.
 
         """
-        done: dict[int, np.ndarray] = {}
+        done: dict[int, tuple[np.ndarray, float]] = {}
         cond = threading.Condition()
 
-        def finished(feats: np.ndarray, key: int) -> None:
+        def finished(feats: np.ndarray, key: int, seconds: float) -> None:
             with cond:
-                done[key] = feats
+                done[key] = (feats, seconds)
                 cond.notify_all()
 
         inflight: collections.deque[tuple[int, Frame, float, float]] = collections.deque()
@@ -142,14 +144,14 @@ class Engine:
             key, frame, t0, t1 = inflight.popleft()
             with cond:
                 cond.wait_for(lambda k=key: k in done)
-                feats = done.pop(key)
+                feats, inference = done.pop(key)
             t2 = time.perf_counter()
             submit_next()
             t3 = time.perf_counter()
             score = self.score_features(feats)
             t4 = time.perf_counter()
-            yield frame, score, {"preprocess": t1 - t0, "backbone_wait": t2 - t1, "scorer": t4 - t3,
-                                 "total": t4 - t0}
+            yield frame, score, {"preprocess": t1 - t0, "backbone": inference, "backbone_wait": t2 - t1,
+                                 "scorer": t4 - t3, "compute": (t1 - t0) + inference + (t4 - t3), "total": t4 - t0}
 
     def predict_stream(self, frames: Iterable[Frame], threshold: float | None = None, source: str = "bundle",
                        on_error: OnError | None = None, depth: int = 2) -> Iterator[Prediction]:

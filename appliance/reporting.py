@@ -22,7 +22,7 @@ from .types import Prediction
 CORE_FIELDS = ("path", "camera", "seq", "verdict", "score", "threshold", "threshold_source", "raw_score",
                "model_id", "overlay", "error")
 #: Known stages, in pipeline order; other timing keys follow sorted.
-TIMING_ORDER = ("preprocess", "backbone", "backbone_wait", "scorer", "total")
+TIMING_ORDER = ("preprocess", "backbone", "backbone_wait", "scorer", "compute", "total")
 #: Verdicts always counted in a summary, even at zero.
 VERDICTS = ("good", "anomalous", "error")
 
@@ -113,7 +113,7 @@ def format_lines(records: Sequence[dict]) -> str:
             rows.append(("ERROR", "", "", "", str(r.get("camera") or ""),
                          error if error.startswith(path) else f"{path}: {error}"))  # ImageError names the file
             continue
-        total = r.get("total_ms")
+        total = r.get("compute_ms", r.get("total_ms"))  # the frame's own work, without queueing
         path = str(r.get("path")) + (f" -> {r['overlay']}" if r.get("overlay") else "")
         rows.append((str(r.get("verdict")).upper(), _fixed(r.get("score")), f"/ {_fixed(r.get('threshold'))}",
                      "" if total is None else f"{total:.1f} ms", str(r.get("camera") or ""), path))

@@ -149,7 +149,7 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
                     skipped.append((str(s.path), str(exc)))
                     continue
                 slots.acquire()
-                backbone.submit(batch, submitted, lambda feats, key: results.put((key, feats)))
+                backbone.submit(batch, submitted, lambda feats, key, _seconds: results.put((key, feats)))
                 submitted += 1
             backbone.wait()
             results.put(None)

@@ -103,7 +103,8 @@ def test_async_submit_gives_the_sync_result(backbone_xml: Path, images: np.ndarr
     results: dict[int, np.ndarray] = {}
     lock = threading.Lock()
 
-    def done(features: np.ndarray, key: int) -> None:
+    def done(features: np.ndarray, key: int, seconds: float) -> None:
+        assert 0 < seconds < 10  # the inference's own duration
         with lock:
             results[key] = features
 
@@ -154,7 +155,7 @@ def test_wrong_dtype_or_shape_raises_backbone_error(backbone: Backbone, batch: n
     with pytest.raises(BackboneError, match=r"backbone expects uint8 \(2, 64, 96, 3\), got"):
         backbone.infer(batch)
     with pytest.raises(BackboneError, match="backbone expects uint8"):
-        backbone.submit(batch, None, lambda f, u: None)
+        backbone.submit(batch, None, lambda f, u, s: None)
 
 
 def test_bad_precision_and_missing_or_corrupt_ir_raise_backbone_error(backbone_xml: Path, tmp_path: Path) -> None:

@@ -121,3 +121,10 @@ def test_format_lines_aligned(records):
     assert len(starts) == 1  # paths line up
     assert format_lines([]) == ""
     assert format_lines([error_record("x.png", "broken")]).endswith("x.png: broken")
+
+
+def test_format_lines_shows_a_streamed_frame_s_own_work_not_its_queueing():
+    timings = {"preprocess": 1.0, "backbone": 9.0, "backbone_wait": 0.5, "scorer": 2.0, "compute": 12.0,
+               "total": 118.0}
+    line = format_lines([prediction_record("in/e.png", prediction(0.3, timings=timings))])
+    assert "12.0 ms" in line and "118" not in line
