@@ -12,7 +12,7 @@ from appliance.backbone import Backbone
 from appliance.errors import ConfigError, ScorerError
 from appliance.position_norm import PositionNorm
 from appliance.scorers import SCORERS, Padim, PatchCore, create
-from appliance.scorers.patchcore import position_partitions
+from appliance.scorers.patchcore import locality_order, position_partitions
 
 SHAPE = (96, 128)  # H, W of the images; the patch grid is 12 x 16
 PATCHCORE = {"coreset_ratio": 0.1, "shortlist": 16}
@@ -498,3 +498,17 @@ def test_patches_spilled_to_a_file_give_the_same_model(case: Case) -> None:
     np.testing.assert_array_equal(spilled.bank, memory.bank)
     np.testing.assert_array_equal(spilled.shortlist, memory.shortlist)
     assert spilled.coverage_radius == memory.coverage_radius
+
+
+def test_locality_order_numbers_rows_by_first_use_and_keeps_every_candidate() -> None:
+    shortlist = np.array([[4, 2, -1], [2, 0, 4], [5, -1, -1]], np.int32)
+    order, remapped = locality_order(shortlist, 7)
+    np.testing.assert_array_equal(order, [4, 2, 0, 5, 1, 3, 6])  # first uses, then the unused rows
+    np.testing.assert_array_equal(remapped, [[0, 1, -1], [1, 2, 0], [3, -1, -1]])
+    np.testing.assert_array_equal(np.where(remapped >= 0, order[np.maximum(remapped, 0)], -1), shortlist)
+
+
+def test_fitted_bank_is_in_locality_order(patchcore: PatchCore) -> None:
+    flat = patchcore.shortlist.reshape(-1)
+    _, first = np.unique(flat[flat >= 0], return_index=True)
+    assert (np.diff(first) > 0).all()  # row r is first used after row r - 1
