@@ -421,50 +421,52 @@ class PatchCore(Scorer):
             limit = np.full(rows.size, best) if norm is None else mu[rows] + best * sigma[rows]
             return np.where(limit >= 0, limit * limit, -1.0).astype(np.float32)
 
+        def beam(rows: np.ndarray, targets: np.ndarray) -> None:
+            graph_beam(x, self.bank, self.graph, rows, d2, nn, targets, _BEAM_EXPAND, check=False)
+            state[rows] = 1
+            keys[rows] = key(rows)
+
+        def approximate(rows: np.ndarray) -> None:
+            self._search(self.hnsw, x, rows, d2, nn)
+            state[rows] = 2
+            keys[rows] = key(rows)
+            self.approx_last += rows.size
+
         state = np.zeros(d2.size, np.int8)  # 0 bound, 1 graph-searched, 2 HNSW-searched, 3 exact
         if self.valid is not None:
             state[~self.valid.reshape(-1)] = _EXACT  # nothing to certify outside the valid area
+        keys = key(np.arange(d2.size))  # kept current for every row a stage touches
         candidates = np.flatnonzero(state < _EXACT)
         best = -np.inf
         self.refined_last = self.approx_last = 0
         while candidates.size:
-            candidates = candidates[(state[candidates] < _EXACT) & (key(candidates) > best)]
+            candidates = candidates[(state[candidates] < _EXACT) & (keys[candidates] > best)]
             if not candidates.size:
                 break
             if candidates.size <= _CLEAR_BULK and best > -np.inf:
                 fresh = candidates[state[candidates] == 0]
-                graph_beam(x, self.bank, self.graph, fresh, d2, nn, target(fresh, best), _BEAM_EXPAND)
-                state[fresh] = 1
-                candidates = candidates[key(candidates) > best]
-                fresh = candidates[state[candidates] == 1]
-                self._search(self.hnsw, x, fresh, d2, nn)
-                state[fresh] = 2
-                self.approx_last += fresh.size
-                candidates = candidates[key(candidates) > best]
-                batch = candidates[np.argsort(-key(candidates))[:_REFINE_BATCH]]
+                beam(fresh, target(fresh, best))
+                candidates = candidates[keys[candidates] > best]
+                approximate(candidates[state[candidates] == 1])
+                candidates = candidates[keys[candidates] > best]
+                batch = candidates[np.argsort(-keys[candidates])[:_REFINE_BATCH]]
             else:
                 k = min(_LAZY_BATCH, candidates.size)
-                top = candidates[np.argpartition(-key(candidates), k - 1)[:k]]
-                for stage in (0, 1):
-                    fresh = top[state[top] == stage]
-                    if fresh.size:
-                        break
-                if fresh.size and stage == 0:
-                    graph_beam(x, self.bank, self.graph, fresh, d2, nn, np.full(fresh.size, -1.0, np.float32),
-                               _BEAM_EXPAND)
-                    state[fresh] = 1
+                top = candidates[np.argpartition(-keys[candidates], k - 1)[:k]]
+                if (state[top] == 0).any():
+                    fresh = top[state[top] == 0]
+                    beam(fresh, np.full(fresh.size, -1.0, np.float32))
                     continue
-                if fresh.size:
-                    self._search(self.hnsw, x, fresh, d2, nn)
-                    state[fresh] = 2
-                    self.approx_last += fresh.size
+                if (state[top] == 1).any():
+                    approximate(top[state[top] == 1])
                     continue
-                batch = top[np.argsort(-key(top))[:_REFINE_START]]
+                batch = top[np.argsort(-keys[top])[:_REFINE_START]]
             if batch.size:
                 self._search(self.index, x, batch, d2, nn)
                 state[batch] = _EXACT
+                keys[batch] = key(batch)
                 self.refined_last += batch.size
-                best = max(best, float(key(batch).max()))
+                best = max(best, float(keys[batch].max()))
 
     def _search(self, index: faiss.Index, x: np.ndarray, rows: np.ndarray, d2: np.ndarray, nn: np.ndarray) -> None:
         """Search ``rows`` of ``x`` in ``index``; keep the smaller of the found and the current distance."""
