@@ -7,7 +7,7 @@ CACHE = True
 #: Greedy k-center: number of plain iterations whose centres become the pruning clusters.
 CORESET_CLUSTERS = 1024
 #: Greedy k-center: regroup the rows around all centres so far each time their count grows this much.
-CORESET_REGROUP = 2
+CORESET_REGROUP = 3
 #: Rows per chunk when streaming a projection, so memory stays bounded.
 CHUNK_ROWS = 65536
 #: Positions processed together by the PaDiM kernels (one AVX-512 register of float32).
