@@ -83,5 +83,9 @@ class PositionNorm:
         return z.astype(np.float32, copy=False)
 
     def key(self, dist: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Normalised score of distances ``dist`` at flat positions ``positions`` (for search ordering)."""
+        """Normalised score of raw scores ``dist`` at flat positions ``positions`` (for search ordering)."""
         return (dist - self.mean.reshape(-1)[positions]) / self.scale.reshape(-1)[positions]
+
+    def raw(self, score: float, positions: np.ndarray) -> np.ndarray:
+        """The raw score that has normalised score ``score`` at each of the flat ``positions`` (inverse of ``key``)."""
+        return self.mean.reshape(-1)[positions] + score * self.scale.reshape(-1)[positions]

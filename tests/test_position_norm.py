@@ -63,6 +63,8 @@ def test_apply_and_key_agree_and_busy_positions_are_tamed() -> None:
     np.testing.assert_allclose(z, (patches - norm.mean) / norm.scale, rtol=1e-6)
     rows = np.array([0, 5, 23])
     np.testing.assert_allclose(norm.key(patches.reshape(-1)[rows], rows), z.reshape(-1)[rows], rtol=1e-6)
+    np.testing.assert_allclose(norm.raw(1.5, rows), norm.mean.reshape(-1)[rows] + 1.5 * norm.scale.reshape(-1)[rows])
+    np.testing.assert_allclose(norm.key(norm.raw(1.5, rows), rows), 1.5, rtol=1e-5)
     # A raw value that is ordinary at a busy position but high at a quiet one ranks as the quiet one says.
     busy, quiet = np.unravel_index(np.argmax(norm.mean), m.shape[1:]), np.unravel_index(np.argmin(norm.mean),
                                                                                            m.shape[1:])

@@ -410,15 +410,13 @@ class PatchCore(Scorer):
         each only has to be shown to have *some* bank row within M: graph search with M as its
         target clears most, HNSW most of the rest, and exact search settles what is left.
         """
-        sigma = None if norm is None else norm.scale.reshape(-1)
-        mu = None if norm is None else norm.mean.reshape(-1)
 
         def key(rows: np.ndarray) -> np.ndarray:
             dist = np.sqrt(np.maximum(d2[rows], 0.0))
-            return dist if norm is None else (dist - mu[rows]) / sigma[rows]
+            return dist if norm is None else norm.key(dist, rows)
 
         def target(rows: np.ndarray, best: float) -> np.ndarray:  # squared distance that scores best
-            limit = np.full(rows.size, best) if norm is None else mu[rows] + best * sigma[rows]
+            limit = np.full(rows.size, best) if norm is None else norm.raw(best, rows)
             return np.where(limit >= 0, limit * limit, -1.0).astype(np.float32)
 
         def beam(rows: np.ndarray, targets: np.ndarray) -> None:
@@ -486,7 +484,7 @@ class PatchCore(Scorer):
         image_score = float(patches.reshape(-1)[top])
         if self.config.reweight and self.bank.shape[0] > 1:
             weighted = float(dist.reshape(-1)[top]) * self._reweight(features, top, int(nn[top]))
-            image_score = weighted if norm is None else float(norm.key(np.float32(weighted), np.array([top]))[0])
+            image_score = weighted if norm is None else float(norm.key(np.array([weighted]), np.array([top]))[0])
         return patches, image_score
 
     def _reweight(self, features: np.ndarray, top: int, row: int) -> float:
