@@ -126,8 +126,9 @@ def in_order(items: Iterator[tuple[int, object]]) -> Iterator[object]:
 
 
 def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Backbone,
-                    skipped: list[tuple[str, str]], progress: StageProgress | None) -> Iterator[np.ndarray]:
-    """Backbone features of each readable sample, in sample order; bad ones go to ``skipped``.
+                    skipped: list[tuple[str, str]], progress: StageProgress | None, stage: str = "features"
+                    ) -> Iterator[tuple[Sample, np.ndarray]]:
+    """``(sample, backbone features)`` for each readable sample, in sample order; bad ones go to ``skipped``.
 
     Images are decoded ahead on a reader thread and the backbone runs asynchronous requests,
     which may finish out of order: results are put back in submission order, so the same
@@ -136,6 +137,7 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
     results: queue.Queue = queue.Queue()
     slots = threading.Semaphore(4)
     stop = threading.Event()
+    skipped_before = len(skipped)
 
     def reader() -> None:
         try:
@@ -149,27 +151,28 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
                     skipped.append((str(s.path), str(exc)))
                     continue
                 slots.acquire()
-                backbone.submit(batch, submitted, lambda feats, key, _seconds: results.put((key, feats)))
+                backbone.submit(batch, (submitted, s), lambda feats, ud, _seconds: results.put((ud[0], (ud[1], feats))))
                 submitted += 1
             backbone.wait()
             results.put(None)
         except BaseException as exc:  # surfaced in the consumer
             results.put(exc)
 
-    thread = threading.Thread(target=reader, name="fit-reader", daemon=True)
+    thread = threading.Thread(target=reader, name=f"{stage}-reader", daemon=True)
     thread.start()
-    def arrivals() -> Iterator[tuple[int, np.ndarray]]:
+
+    def arrivals() -> Iterator[tuple[int, tuple[Sample, np.ndarray]]]:
         while (item := results.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             yield item
 
     try:
-        for done, feats in enumerate(in_order(arrivals()), 1):
+        for done, pair in enumerate(in_order(arrivals()), 1):
             slots.release()
             if progress:
-                progress("features", done + len(skipped), len(samples))
-            yield feats
+                progress(stage, done + len(skipped) - skipped_before, len(samples))
+            yield pair
     finally:
         stop.set()
         for _ in range(4):
@@ -180,32 +183,13 @@ def _load_valid_mask(path: str | None, source_size: tuple[int, int]) -> np.ndarr
     return None if path is None else read_mask(path, source_size)
 
 
-def feature_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple[str, str]],
-                    progress: StageProgress | None = None, stage: str = "features"
-                    ) -> Iterator[tuple[Sample, np.ndarray]]:
-    """``(sample, backbone features)`` for each readable sample; unreadable ones go to ``skipped``."""
-    for n, s in enumerate(samples, 1):
-        try:
-            feats = engine.features(read_image(s.path))
-        except ApplianceError as exc:
-            skipped.append((str(s.path), str(exc)))
-            continue
-        finally:
-            if progress:
-                progress(stage, n, len(samples))
-        yield s, feats
+def _position_norm(scorer: Scorer, goods: list[np.ndarray], valid: np.ndarray | None
+                   ) -> tuple[PositionNorm, list[float]]:
+    """The position norm of the good held-out images, and each one's score as an unseen image would get it.
 
-
-def _calibration_scores(scorer: Scorer, goods: list[np.ndarray], valid: np.ndarray | None, wanted: bool
-                        ) -> tuple[PositionNorm | None, list[float]]:
-    """The position norm (if wanted) and the good images' scores.
-
-    Each good image is scored with the statistics of the *other* good images (leave-one-out),
-    as an unseen good image would be; scoring it with statistics it took part in would set the
-    threshold too low.
+    Each good image is scored with the statistics of the *other* good images (leave-one-out);
+    scoring it with statistics it took part in would set the threshold too low.
     """
-    if not wanted:
-        return None, [scorer.score(f)[1] for f in goods]
     raw = np.stack([scorer.score(f)[0] for f in goods])
     scores = [scorer.score(f, norm)[1] for f, norm in zip(goods, PositionNorm.leave_one_out(raw, valid), strict=True)]
     return PositionNorm.fit(raw, valid), scores
@@ -248,25 +232,27 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     scorer = create(options.scorer, options.settings)
 
     stream = _feature_stream(dataset.train, pre, backbone, skipped, progress)
-    fit_stats = scorer.fit(stream, len(dataset.train), pre.valid_patches(valid_mask))
+    fit_stats = scorer.fit((f for _, f in stream), len(dataset.train), pre.valid_patches(valid_mask))
     t_fit = time.perf_counter()
     n_train = len(dataset.train) - len(skipped)  # so far only training images were skipped
     if n_train < 1:
         raise DatasetError(f"{dataset.root}: none of the {len(dataset.train)} training images could be used")
 
-    engine = Engine(spec, backbone, scorer, None, "unsaved")
     calib = [s for s in dataset.calibration if s.label in ("good", "defect")]
-    held_out = list(feature_samples(engine, calib, skipped, progress, "calibrate"))
+    held_out = list(_feature_stream(calib, pre, backbone, skipped, progress, "calibrate"))
     goods = [f for s, f in held_out if s.label == "good"]
     if len(goods) < 2:
         raise DatasetError(
             f"{dataset.root}: calibration needs at least 2 readable held-out good images, got {len(goods)}; "
             "hold out more train images (calibration fraction) or add a validation folder")
-    wanted = options.position_norm and len(goods) >= max(options.position_norm_min_images, MIN_IMAGES + 1)
-    position_norm, good = _calibration_scores(scorer, goods, pre.valid_patches(valid_mask), wanted)
-    defect = [scorer.score(f, position_norm)[1] for s, f in held_out if s.label == "defect"]
-    calibration = calibrate(np.array(good), np.array(defect), options.target_false_reject_rate)
+    position_norm = good = None
+    if options.position_norm and len(goods) >= max(options.position_norm_min_images, MIN_IMAGES + 1):
+        position_norm, good = _position_norm(scorer, goods, pre.valid_patches(valid_mask))
     records = [(scorer.score(f, position_norm)[1], s) for s, f in held_out]  # as the bundle will score them
+    if good is None:
+        good = [score for score, s in records if s.label == "good"]
+    defect = [score for score, s in records if s.label == "defect"]
+    calibration = calibrate(np.array(good), np.array(defect), options.target_false_reject_rate)
     del held_out, goods
     t_cal = time.perf_counter()
 
@@ -283,7 +269,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     bundle = write_bundle(out, spec=spec, backbone_dir=bb_dir, precision=options.precision, scorer=scorer,
                           calibration=calibration, golden=golden, training=training, valid_mask=valid_mask, key=key,
                           position_norm=position_norm)
-    del engine, backbone
+    del backbone
     loaded = load_bundle(bundle, threads=options.threads, cache_dir=options.cache_dir, key=key)
     seconds = {**training["seconds"], "total": round(time.perf_counter() - t_start, 2)}
     return FitReport(bundle, loaded, skipped, seconds, _peak_rss_mb(), {"good": good, "defect": defect})
