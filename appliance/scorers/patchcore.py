@@ -33,7 +33,7 @@ from appliance_kernels.nn_search import graph_beam, graph_descent, shortlist_nn
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
 from .base import Progress, Scorer, register
-from .spill import SpilledRows
+from .spill import MemoryRows, SpilledRows, patch_rows
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 CANDIDATE_SOURCES = ("positional", "none")
@@ -284,16 +284,15 @@ class PatchCore(Scorer):
             rng = np.random.default_rng(self.config.seed)
             sample = patches[rng.choice(n_rows, min(n_rows, _COVERAGE_SAMPLE), replace=False)].astype(np.float32)
         finally:
-            if isinstance(patches, SpilledRows):
-                patches.close()
+            patches.close()
         d2, _ = self.index.search(sample, 1)
         self.coverage_radius = float(np.sqrt(max(float(d2.max()), 0.0)))
         return {"images": count, "patches": n_rows, "bank": k, "collect_s": round(t1 - t0, 3),
                 "coreset_s": round(t2 - t1, 3), "index_s": round(t3 - t2, 3),
-                "coverage_radius": round(self.coverage_radius, 4), "spilled": isinstance(patches, SpilledRows)}
+                "coverage_radius": round(self.coverage_radius, 4), "spilled": patches.spilled}
 
     def _collect(self, features: Iterable[np.ndarray], n_images: int, valid: np.ndarray | None,
-                 progress: Progress | None) -> tuple[np.ndarray | SpilledRows, tuple[int, int, int], np.ndarray, int]:
+                 progress: Progress | None) -> tuple[MemoryRows | SpilledRows, tuple[int, int, int], np.ndarray, int]:
         """The valid patches of every training image as rows, with the patch grid, mask and image count."""
         store = keep = grid = None
         count = per_image = 0
@@ -306,35 +305,22 @@ class PatchCore(Scorer):
                     per_image = int(keep.sum())
                     if per_image == 0:
                         raise ScorerError("the valid-area mask leaves no patch to learn from")
-                    store = self._patch_store(n_images * per_image, c)
+                    store = patch_rows(n_images * per_image, c, self.config.spill_mb)
                 elif (t, h, w) != grid:
                     raise ScorerError(f"training features changed shape from {grid} to {(t, h, w)}")
                 if count >= n_images:
                     raise ScorerError(f"more than the announced {n_images} training images")
-                rows = x.reshape(t, c, h * w).transpose(0, 2, 1).reshape(-1, c)[keep]
-                if isinstance(store, SpilledRows):
-                    store.write(count * per_image, rows)
-                else:
-                    store[count * per_image : (count + 1) * per_image] = rows
+                store.write(count * per_image, x.reshape(t, c, h * w).transpose(0, 2, 1).reshape(-1, c)[keep])
                 count += 1
                 if progress:
                     progress(count, n_images)
         except BaseException:
-            if isinstance(store, SpilledRows):
+            if store is not None:
                 store.close()
             raise
         if store is None:
             raise ScorerError("no training images")
-        n_rows = count * per_image
-        store = store.truncate(n_rows) if isinstance(store, SpilledRows) else store[:n_rows]
-        return store, grid, keep, count
-
-    def _patch_store(self, rows: int, dim: int) -> np.ndarray | SpilledRows:
-        """Where training patches are collected: memory, or a temporary file past ``spill_mb``."""
-        limit = self.config.spill_mb
-        if limit is not None and rows * dim * 2 > limit * 1e6:
-            return SpilledRows(rows, dim)
-        return np.empty((rows, dim), np.float16)
+        return store.truncate(count * per_image), grid, keep, count
 
     def set_bank(self, bank: np.ndarray, shortlist: np.ndarray, valid: np.ndarray | None = None, *,
                  index: faiss.Index | None = None, hnsw: faiss.Index | None = None,

@@ -1,4 +1,4 @@
-"""Training patches kept in a temporary file instead of memory, for fits too big for the device's RAM.
+"""Where PatchCore collects its training patches: memory, or a temporary file for fits too big for RAM.
 
 A tiled PatchCore fit collects millions of patch embeddings (1.3 GB for 501 images in
 8 tiles) but needs them only twice: once, in order, to project them for the coreset,
@@ -19,6 +19,43 @@ import numpy as np
 from ..errors import ScorerError
 
 
+def patch_rows(rows: int, dim: int, spill_mb: float | None) -> MemoryRows | SpilledRows:
+    """A ``[rows, dim]`` float16 store: in memory, or in a temporary file past ``spill_mb`` MB."""
+    if spill_mb is not None and rows * dim * 2 > spill_mb * 1e6:
+        return SpilledRows(rows, dim)
+    return MemoryRows(rows, dim)
+
+
+class MemoryRows:
+    """The in-memory store, with the same interface as ``SpilledRows``."""
+
+    dtype = np.dtype(np.float16)
+    spilled = False
+
+    def __init__(self, rows: int, dim: int) -> None:
+        self._rows = np.empty((rows, dim), self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, dim)``."""
+        return self._rows.shape
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Store ``rows`` from row ``start`` on."""
+        self._rows[start : start + len(rows)] = rows
+
+    def truncate(self, rows: int) -> MemoryRows:
+        """Keep only the first ``rows`` rows; returns itself."""
+        self._rows = self._rows[:rows]
+        return self
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        return self._rows[key]
+
+    def close(self) -> None:
+        """Nothing to release but the memory, which goes with the object."""
+
+
 class SpilledRows:
     """A write-once ``[N, D]`` float16 matrix in an unlinked temporary file.
 
@@ -28,6 +65,7 @@ class SpilledRows:
     """
 
     dtype = np.dtype(np.float16)
+    spilled = True
 
     def __init__(self, rows: int, dim: int, directory: str | None = None) -> None:
         self._fd: int | None = None
