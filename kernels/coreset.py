@@ -56,6 +56,17 @@ def _update_all(x, centre, min_d2, assign, label, chunk_arg, chunk_max):  # prag
 _SLACK = np.float32(1e-4)
 
 
+@njit(inline="always")
+def _farthest(min_d2, original, lo, hi):  # pragma: no cover - compiled
+    """The largest ``min_d2`` of rows ``lo:hi`` and its row (ties: the lowest original row, as the plain loop)."""
+    best, arg = np.float32(-1.0), np.int64(-1)
+    for i in range(lo, hi):
+        v = min_d2[i]
+        if v > best or (v == best and original[i] < original[arg]):
+            best, arg = v, i
+    return best, arg
+
+
 @njit(
     "void(float32[:, ::1], float32[::1], float32[::1], int32[::1], int32, int64[::1], float32[:, ::1],"
     " float32[::1], float32[::1], int64[::1], float32[::1], int64[::1], int64, int64)",
@@ -93,14 +104,8 @@ def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, d
                 assign[i] = label
                 if i == arg:
                     arg_moved = True
-        if arg_moved:  # the group's farthest row got closer: find the new farthest (ties: lowest original row)
-            best, arg = np.float32(-1.0), np.int64(-1)
-            for i in range(lo, hi):
-                v = min_d2[i]
-                if v > best or (v == best and original[i] < original[arg]):
-                    best, arg = v, i
-            group_max2[g] = best
-            group_arg[g] = arg
+        if arg_moved:  # the group's farthest row got closer: find the new farthest
+            group_max2[g], group_arg[g] = _farthest(min_d2, original, lo, hi)
 
 
 @njit("void(float32[:, ::1], float32[:, ::1], int64[::1], float32[::1])", parallel=True, fastmath=_F, cache=_C)
@@ -219,12 +224,12 @@ def greedy_coreset(
     if plain == k:
         return (selected, assign) if return_assignment else selected
 
-    state = _regroup(x, partitions, selected[:plain], min_d2, assign, np.arange(n, dtype=np.int64))
+    state = _regroup(x, partitions, n_parts, selected[:plain], min_d2, assign, np.arange(n, dtype=np.int64))
     del x, min_d2, assign  # now state.xs (the same buffer, rows permuted in place), state.min_d2, ...
     next_regroup = plain * regroup_factor if regroup_factor > 1 else k
     for i in range(plain, k):
         if i >= next_regroup:  # finer groups now that the centres are denser: tighter pruning
-            state = _regroup(state.xs, partitions, selected[:i], state.min_d2, state.assign, state.order)
+            state = _regroup(state.xs, partitions, n_parts, selected[:i], state.min_d2, state.assign, state.order)
             next_regroup = i * regroup_factor
         g = int(np.argmax(state.group_max2))
         tied = np.flatnonzero(state.group_max2 == state.group_max2[g])
@@ -248,7 +253,7 @@ class _Groups:
     """Rows grouped by nearest centre for the pruned loop; every array is in grouped row order."""
 
     order: np.ndarray  # original row index of each grouped row
-    xs: np.ndarray | None  # projected rows (None once released)
+    xs: np.ndarray  # projected rows
     min_d2: np.ndarray  # squared distance to the nearest selected row
     assign: np.ndarray  # selection position of that row
     dc: np.ndarray  # distance to the row's group centre (ascending within a group)
@@ -260,8 +265,8 @@ class _Groups:
     part_start: np.ndarray  # the groups of partition p are part_start[p]:part_start[p+1]
 
 
-def _regroup(xs: np.ndarray, partitions: np.ndarray | None, centre_rows: np.ndarray, min_d2: np.ndarray,
-             assign: np.ndarray, order: np.ndarray) -> _Groups:
+def _regroup(xs: np.ndarray, partitions: np.ndarray | None, n_parts: int, centre_rows: np.ndarray,
+             min_d2: np.ndarray, assign: np.ndarray, order: np.ndarray) -> _Groups:
     """Group rows by their nearest selected centre, sorted within a group by distance to it.
 
     ``xs[j]`` is the projection of original row ``order[j]``; its rows are permuted in place
@@ -275,7 +280,6 @@ def _regroup(xs: np.ndarray, partitions: np.ndarray | None, centre_rows: np.ndar
     by_part = np.argsort(centre_part, kind="stable")  # group slot -> centre, partitions contiguous
     slot = np.empty(g_count, np.int64)
     slot[by_part] = np.arange(g_count)
-    n_parts = 1 if partitions is None else int(partitions.max()) + 1
     part_start = np.searchsorted(centre_part[by_part], np.arange(n_parts + 1))
     centres = np.ascontiguousarray(xs[where[centre_rows[by_part]]])
     # Sort by (group slot, min_d2) in one pass: non-negative float32 bit patterns order like the values.
@@ -329,13 +333,8 @@ def _group_extremes(min_d2, dc, order, offsets, group_max2, group_arg, radius): 
         lo, hi = offsets[g], offsets[g + 1]
         if lo == hi:  # only when rows duplicate an earlier centre exactly
             continue
-        best, arg = np.float32(-1.0), np.int64(-1)
-        for i in range(lo, hi):
-            v = min_d2[i]
-            if v > best or (v == best and order[i] < order[arg]):
-                best, arg = v, i
-        group_max2[g], group_arg[g] = best, arg
-        radius[g] = dc[hi - 1] * np.float32(1 + 1e-4)
+        group_max2[g], group_arg[g] = _farthest(min_d2, order, lo, hi)
+        radius[g] = dc[hi - 1] * (1 + _SLACK)
 
 
 def greedy_coreset_reference(x: np.ndarray, k: int, first: int) -> np.ndarray:
