@@ -110,7 +110,8 @@ def fit(
     calibration_fraction: Annotated[float, typer.Option(help="share of train/good held out to calibrate")] = 0.1,
     target_frr: Annotated[float, typer.Option(help="false-reject rate target without labelled defects")] = 0.01,
     position_norm: Annotated[bool, typer.Option(
-        help="normalise patch scores per position over the held-out good images (needs 4 or more)")] = True,
+        help="normalise patch scores per position over the held-out good images (when there are 20 or more: "
+             "FitOptions.position_norm_min_images)")] = True,
     precision: Annotated[str, typer.Option(help="backbone precision f32 or bf16")] = "f32",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all)")] = None,
     cache_dir: Annotated[Path, typer.Option(help="OpenVINO model cache folder")] = DEFAULT_CACHE,

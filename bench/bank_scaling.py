@@ -286,8 +286,11 @@ def reference_index(kind: str, bank: np.ndarray) -> faiss.Index:
 
 
 def ours_scorer(bank: np.ndarray, hnsw: faiss.Index, pool: np.ndarray, grid: tuple[int, int, int],
-                images: np.ndarray) -> tuple[PatchCore, dict]:
-    """A positional PatchCore over ``bank`` (its own flat index); shortlists from hnsw NN rows of ``images``."""
+                images: np.ndarray) -> tuple[PatchCore, np.ndarray, dict]:
+    """A positional PatchCore over ``bank`` (its own flat index); shortlists from hnsw NN rows of ``images``.
+
+    The scorer stores the bank in its own order: its row ``i`` is ``bank[order[i]]``.
+    """
     t0 = time.perf_counter()
     hnsw.hnsw.efSearch = 64
     assign = np.empty((len(images), pool.shape[1]), np.int32)
@@ -301,11 +304,11 @@ def ours_scorer(bank: np.ndarray, hnsw: faiss.Index, pool: np.ndarray, grid: tup
                                   "reweight": False})
     shortlist = build_shortlists(assign, grid, scorer.config.shortlist, scorer.config.shortlist_radius)
     t2 = time.perf_counter()
-    scorer.set_bank(bank, shortlist)  # the library's own wiring: exact index, HNSW stage, k-NN graph
+    order = scorer.install(bank, shortlist)  # the library's own wiring: bank order, exact index, HNSW, graph
     scorer.coverage_radius = float(np.sqrt(max(dmax, 0.0)))  # approximate (hnsw); search does not use it
     parts = {"assign_search_s": round(t1 - t0, 3), "shortlists_s": round(t2 - t1, 3),
              "index_hnsw_graph_s": round(time.perf_counter() - t2, 3)}
-    return scorer, parts
+    return scorer, order, parts
 
 
 def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.ndarray, labels: np.ndarray,
@@ -355,10 +358,15 @@ def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.
 
     # -- ours: positional shortlists + certified refinement in the scorer's exact index
     shortlist_imgs = np.sort(rng.choice(n_img, min(args.shortlist_images, n_img), replace=False))
-    scorer, parts = ours_scorer(bank, hnsw, pool, grid, shortlist_imgs)
+    scorer, order, parts = ours_scorer(bank, hnsw, pool, grid, shortlist_imgs)
     del hnsw
     gc.collect()
-    runs["ours"] = run_index(scorer.nearest, test, timed, others, scorer)
+
+    def ours_nearest(features: np.ndarray, scorer: PatchCore = scorer) -> tuple[np.ndarray, np.ndarray]:
+        d2, nn = scorer.nearest(features)
+        return d2, order[nn]  # back to ``bank`` rows, as the other indexes number them
+
+    runs["ours"] = run_index(ours_nearest, test, timed, others, scorer)
     ours_mb = scorer_bytes(scorer) / 2**20
     info["ours"] = {"build_s": round(sum(parts.values()), 3),
                     "build_parts": {**parts, "hnsw_build_s_not_counted": info["hnsw16"]["build_s"]},
@@ -384,7 +392,7 @@ def measure_size(n: int, pool: np.ndarray, grid: tuple[int, int, int], test: np.
     log(f"n={n:,}: ours ({info['ours']['faiss']}) {np.median(runs['ours'].seconds) * 1e3:.1f} ms/image, "
         f"refined {info['ours']['refined_patches']}, image scores = flat's within {err.max():.2g} "
         f"on {err.size} images ({info['ours']['exact_check']['bit_equal']} bit-equal)")
-    del scorer
+    del scorer, ours_nearest
     gc.collect()
 
     # -- ivf

@@ -278,8 +278,7 @@ class PatchCore(Scorer):
             full_assign = np.full((count, keep.size), -1, np.int32)
             full_assign[:, keep] = assign.reshape(count, -1)
             shortlist = build_shortlists(full_assign, grid, self.config.shortlist, self.config.shortlist_radius)
-            order, shortlist = locality_order(shortlist, k)
-            self.set_bank(patches[selected[order]], shortlist, valid)
+            self.install(patches[selected], shortlist, valid)
             t3 = time.perf_counter()
             rng = np.random.default_rng(self.config.seed)
             sample = patches[rng.choice(n_rows, min(n_rows, _COVERAGE_SAMPLE), replace=False)].astype(np.float32)
@@ -322,13 +321,24 @@ class PatchCore(Scorer):
             raise ScorerError("no training images")
         return store.truncate(count * per_image), grid, keep, count
 
+    def install(self, bank: np.ndarray, shortlist: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """A newly selected bank: stored in locality order (``locality_order``), search structures built.
+
+        Returns:
+            The order: installed row ``i`` is given row ``order[i]``.
+
+        """
+        order, shortlist = locality_order(shortlist, bank.shape[0])
+        self.set_bank(bank[order], shortlist, valid)
+        return order
+
     def set_bank(self, bank: np.ndarray, shortlist: np.ndarray, valid: np.ndarray | None = None, *,
                  index: faiss.Index | None = None, hnsw: faiss.Index | None = None,
                  graph: np.ndarray | None = None) -> None:
         """Install a memory bank and build whatever search structure is not given.
 
         The one place that ties bank, shortlists, FAISS index, HNSW and k-NN graph together
-        (fit, bundle loading and benchmarks all come through here).
+        (fit and benchmarks through ``install``, bundle loading directly: a stored bank keeps its order).
 
         Args:
             bank: ``[B, C]`` rows (rounded to float16 values, which the indexes store losslessly).
