@@ -200,7 +200,7 @@ def _graph_beam(x, bank, graph, rows, dist2, nearest, targets, max_expand):  # p
 
 
 def graph_beam(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, rows: np.ndarray, dist2: np.ndarray,
-               nearest: np.ndarray, targets: np.ndarray, max_expand: int = 32, *, check: bool = True) -> None:
+               nearest: np.ndarray, targets: np.ndarray, max_expand: int = 32) -> None:
     """Best-first search on the bank's k-NN graph for the queries ``rows``, in place.
 
     From each query's current nearest bank row, repeatedly expand the nearest candidate not yet
@@ -218,16 +218,10 @@ def graph_beam(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, rows: np.ndar
         nearest: ``[T*P]`` int32 current nearest rows (updated at ``rows``).
         targets: ``[R]`` float32 squared distances that are good enough (negative: never).
         max_expand: rows expanded per query at most.
-        check: validate the arguments (a caller that built them itself, in a hot loop, may skip it;
-            the compiled signature still checks dtypes and layouts).
 
     """
     rows = np.ascontiguousarray(rows, np.int64)
     targets = np.ascontiguousarray(targets, np.float32)
-    if not check:
-        if rows.size and max_expand > 0:
-            _graph_beam(x, bank, graph, rows, dist2, nearest, targets, int(max_expand))
-        return
     n = x.shape[0] * x.shape[2]
     if graph.dtype != np.int32 or graph.ndim != 2 or graph.shape[0] != bank.shape[0] or not graph.flags.c_contiguous:
         raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")

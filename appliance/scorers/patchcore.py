@@ -416,7 +416,7 @@ class PatchCore(Scorer):
             return np.where(limit >= 0, limit * limit, -1.0).astype(np.float32)
 
         def beam(rows: np.ndarray, targets: np.ndarray) -> None:
-            graph_beam(x, self.bank, self.graph, rows, d2, nn, targets, _BEAM_EXPAND, check=False)
+            graph_beam(x, self.bank, self.graph, rows, d2, nn, targets, _BEAM_EXPAND)
             state[rows] = 1
             keys[rows] = key(rows)
 
