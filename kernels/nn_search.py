@@ -97,6 +97,19 @@ def _graph_descent(x, bank, graph, dist2, nearest, max_steps):  # pragma: no cov
         nearest[q] = arg
 
 
+def _check_graph_search(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.ndarray,
+                        nearest: np.ndarray) -> int:
+    """Checks shared by the graph searches; returns the number of query positions."""
+    n = x.shape[0] * x.shape[2]
+    if graph.dtype != np.int32 or graph.ndim != 2 or graph.shape[0] != bank.shape[0] or not graph.flags.c_contiguous:
+        raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")
+    if dist2.shape != (n,) or nearest.shape != (n,) or dist2.dtype != np.float32 or nearest.dtype != np.int32:
+        raise ValueError(f"dist2/nearest must be float32/int32 vectors of length {n}")
+    if graph.size and graph.max() >= bank.shape[0]:
+        raise ValueError("graph rows must index the bank")
+    return n
+
+
 def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.ndarray, nearest: np.ndarray,
                   max_steps: int = 2) -> None:
     """Tighten nearest-neighbour bounds by greedy steps on the bank's k-NN graph, in place.
@@ -114,13 +127,7 @@ def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.
         max_steps: greedy steps per query.
 
     """
-    n = x.shape[0] * x.shape[2]
-    if graph.dtype != np.int32 or graph.ndim != 2 or graph.shape[0] != bank.shape[0] or not graph.flags.c_contiguous:
-        raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")
-    if dist2.shape != (n,) or nearest.shape != (n,) or dist2.dtype != np.float32 or nearest.dtype != np.int32:
-        raise ValueError(f"dist2/nearest must be float32/int32 vectors of length {n}")
-    if graph.size and graph.max() >= bank.shape[0]:
-        raise ValueError("graph rows must index the bank")
+    _check_graph_search(x, bank, graph, dist2, nearest)
     if nearest.min() < 0 or nearest.max() >= bank.shape[0]:
         raise ValueError("nearest must index the bank")
     _graph_descent(x, bank, graph, dist2, nearest, int(max_steps))
@@ -222,11 +229,7 @@ def graph_beam(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, rows: np.ndar
     """
     rows = np.ascontiguousarray(rows, np.int64)
     targets = np.ascontiguousarray(targets, np.float32)
-    n = x.shape[0] * x.shape[2]
-    if graph.dtype != np.int32 or graph.ndim != 2 or graph.shape[0] != bank.shape[0] or not graph.flags.c_contiguous:
-        raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")
-    if dist2.shape != (n,) or nearest.shape != (n,) or dist2.dtype != np.float32 or nearest.dtype != np.int32:
-        raise ValueError(f"dist2/nearest must be float32/int32 vectors of length {n}")
+    n = _check_graph_search(x, bank, graph, dist2, nearest)
     if rows.ndim != 1 or targets.shape != rows.shape:
         raise ValueError(f"rows and targets must be vectors of one length, got {rows.shape} and {targets.shape}")
     if rows.size and (rows.min() < 0 or rows.max() >= n):
