@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
 
 #: Called after each training image with (images done, images total).
@@ -95,3 +95,9 @@ def create(scorer_type: str, settings: dict | None = None) -> Scorer:
         raise ConfigError(f"unknown scorer type {scorer_type!r}; available: {sorted(SCORERS)}")
     cls = SCORERS[scorer_type]
     return cls(config_from_dict(cls.Config, settings or {}, f"scorer {scorer_type}"))
+
+
+def check_norm(norm: PositionNorm | None, grid: tuple[int, ...]) -> None:
+    """Refuse a position norm learned for another patch grid ``(T, h, w)``."""
+    if norm is not None and norm.mean.shape != tuple(grid):
+        raise ScorerError(f"position norm has {norm.mean.size} positions, features {int(np.prod(grid))}")

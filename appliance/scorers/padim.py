@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
-from .base import Progress, Scorer, register
+from .base import Progress, Scorer, check_norm, register
 
 #: Positions inverted per chunk (bounds the float64 temporaries).
 _INVERT_CHUNK = 64
@@ -148,8 +148,7 @@ class Padim(Scorer):
         if self.valid is not None:
             dist *= self.valid
         if norm is not None:
-            if norm.mean.shape != dist.shape:
-                raise ScorerError(f"position norm has {norm.mean.size} positions, features {dist.size}")
+            check_norm(norm, dist.shape)
             dist = norm.apply(dist, self.valid)
         return dist, float(dist.max())
 

@@ -32,7 +32,7 @@ from appliance_kernels.nn_search import graph_beam, graph_descent, shortlist_nn
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
-from .base import Progress, Scorer, register
+from .base import Progress, Scorer, check_norm, register
 from .spill import MemoryRows, SpilledRows, patch_rows
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
@@ -382,8 +382,7 @@ class PatchCore(Scorer):
         if c != self.bank.shape[1] or t * h * w != self.shortlist.shape[0]:
             raise ScorerError(f"features {features.shape} do not fit this bank ({self.bank.shape[1]} channels, "
                               f"{self.shortlist.shape[0]} positions)")
-        if norm is not None and norm.mean.size != t * h * w:
-            raise ScorerError(f"position norm has {norm.mean.size} positions, features {t * h * w}")
+        check_norm(norm, (t, h, w))
         x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
         if self.config.candidates == "none":
             d2, nn = self.index.search(np.ascontiguousarray(x.transpose(0, 2, 1).reshape(-1, c)), 1)
