@@ -77,7 +77,7 @@ from appliance.imaging import read_image
 from appliance.metrics import image_auroc
 from appliance.preprocess import round_to
 from appliance.scorers import PatchCore, create
-from appliance.scorers.patchcore import build_shortlists
+from appliance.scorers.patchcore_bank import build_shortlists
 from appliance.training import FitOptions, fit
 
 #: Search function: features ``[T, C, h, w]`` -> squared NN distance ``[T*h*w]`` and bank row ``[T*h*w]``.

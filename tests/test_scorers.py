@@ -12,7 +12,7 @@ from appliance.backbone import Backbone
 from appliance.errors import ConfigError, ScorerError
 from appliance.position_norm import PositionNorm
 from appliance.scorers import SCORERS, Padim, PatchCore, create
-from appliance.scorers.patchcore import locality_order, position_partitions
+from appliance.scorers.patchcore_bank import locality_order, position_partitions
 
 SHAPE = (96, 128)  # H, W of the images; the patch grid is 12 x 16
 PATCHCORE = {"coreset_ratio": 0.1, "shortlist": 16}
