@@ -20,10 +20,13 @@ def sq_dist(a, b):  # pragma: no cover - compiled
 
 @njit(inline="always", fastmath=config.FASTMATH)
 def nearest_of(v, bank, rows, best, arg):  # pragma: no cover - compiled
-    """The nearer of ``(best, arg)`` and the bank rows listed in ``rows`` (the list ends at its first -1)."""
+    """The nearer of ``(best, arg)`` and the bank rows listed in ``rows``.
+
+    The list ends at its first -1, or at a row past the bank (never read out of bounds).
+    """
     for m in range(rows.shape[0]):
         row = rows[m]
-        if row < 0:
+        if row < 0 or row >= bank.shape[0]:
             break
         s = sq_dist(v, bank[row])
         if s < best:

@@ -2,132 +2,49 @@
 
 Farthest-point selection picks, one at a time, the point farthest from all points
 already chosen. Done naively that is ``k * N * d`` work, which for a real training
-set (a million patches, tens of thousands chosen) takes hours in anomalib. Two
+set (a million patches, tens of thousands chosen) takes hours in anomalib. Three
 things make it fast here without changing the result:
 
 * the distances are computed on a random projection to a few dozen dimensions
   (as in the PatchCore paper), streamed in chunks into one preallocated buffer;
-* after a first round of plain iterations, the points are grouped by their
-  nearest centre, and each later iteration skips every group that the triangle
-  inequality proves the new centre cannot reach: ``|c - g| - r_g >= D_g``, with
-  ``r_g`` the group's radius and ``D_g`` the largest remaining min-distance in it.
+* the triangle inequality skips most rows in most iterations (``greedy``);
+* with partitions (PatchCore's patch positions), rows are only covered by centres
+  of their own partition. Each partition's sequence of picks then depends on its
+  own rows alone, and the global sequence (each pick the row farthest from its
+  coverage, over all partitions) is their merge by decreasing distance. So the
+  partitions run on threads, in rounds that extend each one down to the distance
+  where all together are estimated to reach a fraction of ``k``; a serial pass
+  then finishes the merge exactly (dropping picks of a round that went too far).
 
-The pruned loop selects exactly what the plain loop would (tests check this
-against a NumPy reference).
+The selection is exactly the plain loop's (tests check it against NumPy references).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
-from numba import njit, prange
 
 from . import config
-from ._common import sq_dist
-
-_F = config.FASTMATH
-_C = config.CACHE
+from .greedy import Greedy, permute_rows
 
 
-@njit(
-    "void(float32[:, ::1], float32[::1], float32[::1], int32[::1], int32, int64[::1], float32[::1])",
-    parallel=True, fastmath=_F, cache=_C,
-)
-def _update_all(x, centre, min_d2, assign, label, chunk_arg, chunk_max):  # pragma: no cover - compiled
-    """min_d2 = min(min_d2, |x - centre|^2) for every row; per-chunk argmax of the result."""
-    n = x.shape[0]
-    n_chunks = chunk_max.shape[0]
-    step = (n + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        best, arg = np.float32(-1.0), -1
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s = sq_dist(x[i], centre)
-            if s < min_d2[i]:
-                min_d2[i] = s
-                assign[i] = label
-            if min_d2[i] > best:
-                best, arg = min_d2[i], i
-        chunk_max[c] = best
-        chunk_arg[c] = arg
+def _project(features: np.ndarray, matrix: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """``out = features @ matrix`` chunk by chunk, chunks on threads.
 
-
-#: Relative slack on every triangle-inequality test, so float rounding can never skip a row that matters.
-_SLACK = np.float32(1e-4)
-
-
-@njit(inline="always")
-def _farthest(min_d2, original, lo, hi):  # pragma: no cover - compiled
-    """The largest ``min_d2`` of rows ``lo:hi`` and its row (ties: the lowest original row, as the plain loop)."""
-    best, arg = np.float32(-1.0), np.int64(-1)
-    for i in range(lo, hi):
-        v = min_d2[i]
-        if v > best or (v == best and original[i] < original[arg]):
-            best, arg = v, i
-    return best, arg
-
-
-@njit(
-    "void(float32[:, ::1], float32[::1], float32[::1], int32[::1], int32, int64[::1], float32[:, ::1],"
-    " float32[::1], float32[::1], int64[::1], float32[::1], int64[::1], int64, int64)",
-    parallel=True, fastmath=_F, cache=_C,
-)
-def _update_pruned(x, centre, min_d2, assign, label, offsets, centres, radius, dc, original, group_max2,
-                   group_arg, g_lo, g_hi):  # pragma: no cover - compiled
-    """One pruned iteration over rows sorted by (group, distance to the group's centre ``dc``).
-
-    With ``e`` the new centre's distance to a group's centre, a row can only get closer to
-    the new centre than to its current nearest if ``|e - dc| < current distance <= D_g``: so
-    groups with ``e - r_g >= D_g`` are skipped, and in the others only the rows whose ``dc``
-    lies in ``(e - D_g, e + D_g)`` (a binary search) are looked at. Only groups
-    ``g_lo:g_hi`` (the new centre's partition) can be reached at all.
+    Temporaries stay bounded; ``features`` only needs row slices, which may be read concurrently.
     """
-    for g in prange(g_lo, g_hi):
-        lo, hi = offsets[g], offsets[g + 1]
-        if lo == hi:
-            continue
-        e = np.sqrt(sq_dist(centres[g], centre))
-        reach = np.sqrt(max(group_max2[g], np.float32(0.0))) * (1 + _SLACK) + np.float32(1e-6)
-        if e - radius[g] >= reach:
-            continue
-        first = lo + np.searchsorted(dc[lo:hi], e - reach)
-        last = lo + np.searchsorted(dc[lo:hi], e + reach, side="right")
-        arg = group_arg[g]
-        arg_moved = False
-        for i in range(first, last):
-            bound = e - dc[i]
-            if bound * bound > min_d2[i] * (1 + _SLACK) + np.float32(1e-6):
-                continue
-            s = sq_dist(x[i], centre)
-            if s < min_d2[i]:
-                min_d2[i] = s
-                assign[i] = label
-                if i == arg:
-                    arg_moved = True
-        if arg_moved:  # the group's farthest row got closer: find the new farthest
-            group_max2[g], group_arg[g] = _farthest(min_d2, original, lo, hi)
+    n = out.shape[0]
 
-
-@njit("void(float32[:, ::1], float32[:, ::1], int64[::1], float32[::1])", parallel=True, fastmath=_F, cache=_C)
-def _centre_distances(x, centres, offsets, dc):  # pragma: no cover - compiled
-    """dc[i] = distance of row i to the centre of its group."""
-    for g in prange(centres.shape[0]):
-        for i in range(offsets[g], offsets[g + 1]):
-            dc[i] = np.sqrt(sq_dist(x[i], centres[g]))
-
-
-def _project(features: np.ndarray, matrix: np.ndarray, out: np.ndarray, part: np.ndarray | None = None) -> None:
-    """The projection ``features @ matrix``, chunk by chunk (bounded temporaries; ``features`` only needs row slices).
-
-    With partitions, ``out`` has one more column: the row's partition times a distance no two
-    rows of the same partition reach, so rows of different partitions never cover each other.
-    """
-    n, d = out.shape[0], matrix.shape[1]
-    for lo in range(0, n, config.CHUNK_ROWS):
+    def chunk(lo: int) -> None:
         hi = min(n, lo + config.CHUNK_ROWS)
-        np.matmul(np.asarray(features[lo:hi]).astype(np.float32, copy=False), matrix, out=out[lo:hi, :d])
-        if part is not None:
-            out[lo:hi, d] = part[lo:hi]
+        np.matmul(np.asarray(features[lo:hi]).astype(np.float32, copy=False), matrix, out=out[lo:hi])
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(chunk, range(0, n, config.CHUNK_ROWS)))
 
 
 def projection_matrix(dim_in: int, dim_out: int, seed: int) -> np.ndarray:
@@ -145,6 +62,7 @@ def greedy_coreset(
     clusters: int = config.CORESET_CLUSTERS,
     regroup_factor: int = config.CORESET_REGROUP,
     partitions: np.ndarray | None = None,
+    threads: int | None = None,
     return_assignment: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Indices of ``k`` rows of ``features`` chosen by greedy k-center selection.
@@ -156,17 +74,20 @@ def greedy_coreset(
         k: how many rows to select, ``1 <= k <= N``.
         projection_dim: random-projection width used for the distances; ``None``
             uses the features as they are.
-        seed: seeds the projection and the first centre.
-        clusters: plain iterations before pruning starts (0 disables pruning).
+        seed: seeds the projection and the first centre (of each partition).
+        clusters: plain iterations before pruning starts, shared among the partitions
+            (0 disables pruning).
         regroup_factor: the rows are regrouped around all centres chosen so far each time their
             number grows by this factor (tighter groups prune more; 0 or 1: never).
         partitions: ``[N]`` non-negative int partition of each row, or ``None``. Rows are then
-            only covered by centres of their own partition: each iteration still picks the row
-            farthest from its coverage over all partitions, but updates only that partition, so
-            the work drops by about the number of partitions (PatchCore partitions by patch
-            position: a patch is matched to bank rows from around its own position anyway).
+            only covered by centres of their own partition: each partition starts from a
+            seeded random row, and each later pick is the row farthest from its coverage over
+            all partitions (PatchCore partitions by patch position: a patch is matched to bank
+            rows from around its own position anyway). Ignored when ``k`` is smaller than
+            the number of partitions.
+        threads: threads that run partitions side by side (``None``: Numba's thread count).
         return_assignment: also return, for every row, the position in the
-            selection of its nearest selected row (in the projected space).
+            selection of its nearest selected row (in the projected space, within its partition).
 
     Returns:
         int64 indices into ``features``, in selection order (and the int32 assignment).
@@ -181,160 +102,174 @@ def greedy_coreset(
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if projection_dim is not None and projection_dim < 1:
         raise ValueError(f"projection_dim must be >= 1 or None, got {projection_dim}")
+    labels = None
+    if partitions is not None:
+        partitions = np.asarray(partitions)
+        if partitions.shape != (n,) or partitions.dtype.kind not in "iu" or partitions.min() < 0:
+            raise ValueError(f"partitions must be [{n}] non-negative integers")
+        labels = _consecutive(partitions)
+        if labels.max() + 1 > k or labels.max() == 0:
+            labels = None
     rng = np.random.default_rng(seed)
     if projection_dim is None or projection_dim >= dim:
         matrix = np.eye(dim, dtype=np.float32)
     else:
         matrix = projection_matrix(dim, projection_dim, seed)
-    part = None
-    if partitions is not None:
-        partitions = np.asarray(partitions)
-        if partitions.shape != (n,) or partitions.dtype.kind not in "iu" or partitions.min() < 0:
-            raise ValueError(f"partitions must be [{n}] non-negative integers")
-        partitions = partitions.astype(np.int64, copy=False)
-        part = partitions.astype(np.float32)  # scaled below, once the rows' extent is known
-    width = matrix.shape[1] + (part is not None)
-    x = np.empty((n, width), np.float32)
-    _project(features, matrix, x, part)
-    if part is not None:  # partition p sits at p * spacing on an extra axis, beyond any in-partition distance
-        step = config.CHUNK_ROWS
-        norm2 = max(float(np.einsum("ij,ij->i", x[lo : lo + step, :-1], x[lo : lo + step, :-1]).max())
-                    for lo in range(0, n, step))
-        spacing = np.float32(4.0 * np.sqrt(norm2) + 1.0)
-        part *= spacing
-        x[:, -1] *= spacing
+    threads = threads or numba.get_num_threads()
+    x = np.empty((n, matrix.shape[1]), np.float32)
+    _project(features, matrix, x, threads)
 
-    first = int(rng.integers(n))
-    selected = np.empty(k, np.int64)
-    min_d2 = np.full(n, np.inf, np.float32)
-    assign = np.zeros(n, np.int32)
-    chunk_max = np.empty(64, np.float32)
-    chunk_arg = np.empty(64, np.int64)
-    # Rows without a centre in their partition are the farthest of all, so every partition has
-    # one after at most as many plain iterations as there are partitions. A plain iteration scans
-    # every row, a pruned one only the new centre's partition: with P partitions, pruning starts
-    # after max(P, clusters / P) iterations.
-    n_parts = 1 if partitions is None else int(partitions.max()) + 1
-    plain = k if clusters <= 0 else min(k, max(n_parts, clusters // n_parts))
-    nxt = first
-    for i in range(plain):
-        selected[i] = nxt
-        _update_all(x, np.ascontiguousarray(x[nxt]), min_d2, assign, np.int32(i), chunk_arg, chunk_max)
-        nxt = int(chunk_arg[int(np.argmax(chunk_max))])
-    if plain == k:
-        return (selected, assign) if return_assignment else selected
+    if labels is None:
+        ids, bounds = np.arange(n, dtype=np.int64), np.array([0, n])
+        firsts = [int(rng.integers(n))]
+    else:  # partitions become contiguous blocks of rows, in their original order within each
+        ids = np.argsort(labels, kind="stable").astype(np.int64)  # a radix sort: labels are int16
+        permute_rows(x, ids)
+        bounds = np.zeros(labels.max() + 2, np.int64)
+        np.cumsum(np.bincount(labels), out=bounds[1:])
+        firsts = [int(rng.integers(hi - lo)) for lo, hi in itertools.pairwise(bounds)]
+    n_blocks = len(firsts)
+    plain = clusters // n_blocks if clusters > 0 else n
+    blocks = [Greedy(x[lo:hi], ids[lo:hi], first, plain, regroup_factor)
+              for lo, hi, first in zip(bounds[:-1], bounds[1:], firsts, strict=True)]
+    _select(blocks, k, threads)
+    return _merge(blocks, k, return_assignment, n)
 
-    state = _regroup(x, partitions, n_parts, selected[:plain], min_d2, assign, np.arange(n, dtype=np.int64))
-    del x, min_d2, assign  # now state.xs (the same buffer, rows permuted in place), state.min_d2, ...
-    next_regroup = plain * regroup_factor if regroup_factor > 1 else k
-    for i in range(plain, k):
-        if i >= next_regroup:  # finer groups now that the centres are denser: tighter pruning
-            state = _regroup(state.xs, partitions, n_parts, selected[:i], state.min_d2, state.assign, state.order)
-            next_regroup = i * regroup_factor
-        g = int(np.argmax(state.group_max2))
-        tied = np.flatnonzero(state.group_max2 == state.group_max2[g])
-        if tied.size > 1:  # break exact ties by original row index, as the plain loop does
-            g = int(tied[np.argmin(state.order[state.group_arg[tied]])])
-        row = int(state.group_arg[g])
-        selected[i] = state.order[row]
-        p = 0 if partitions is None else int(partitions[selected[i]])
-        _update_pruned(state.xs, np.ascontiguousarray(state.xs[row]), state.min_d2, state.assign, np.int32(i),
-                       state.offsets, state.centres, state.radius, state.dc, state.order, state.group_max2,
-                       state.group_arg, state.part_start[p], state.part_start[p + 1])
+
+def _consecutive(partitions: np.ndarray) -> np.ndarray:
+    """Partition ids renumbered 0, 1, 2, ... in the same order (int16 when they fit, for a fast stable sort)."""
+    if partitions.max() < 4 * partitions.shape[0]:
+        present = np.bincount(partitions) > 0
+        labels = (np.cumsum(present) - 1)[partitions]
+    else:
+        labels = np.unique(partitions, return_inverse=True)[1].reshape(-1)
+    return labels.astype(np.int16) if labels.max() < np.iinfo(np.int16).max else labels
+
+
+def _select(blocks: list[Greedy], k: int, threads: int) -> None:
+    """Extend the blocks until their picks include the first ``k`` of the merged sequence."""
+    if len(blocks) == 1:
+        blocks[0].extend(k)
+        return
+    rows = sum(b.xs.shape[0] for b in blocks)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    by_size = sorted(blocks, key=lambda b: -b.xs.shape[0])  # biggest first, so the threads end together
+    try:
+        share = config.CORESET_ROUNDS[0] * k / rows
+        _run(pool, [(b, max(1, int(share * b.xs.shape[0])), -1.0) for b in by_size])
+        for fraction in config.CORESET_ROUNDS[1:]:
+            if sum(b.count for b in blocks) < fraction * k:
+                floor2 = _floor_for(blocks, fraction * k)
+                _run(pool, [(b, np.iinfo(np.int64).max, floor2) for b in by_size if b.next_d2 > floor2])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    _finish(blocks, k)
+
+
+def _run(pool: ThreadPoolExecutor | None, work: list[tuple[Greedy, int, float]]) -> None:
+    if pool is None:
+        for block, limit, floor2 in work:
+            block.extend(limit, floor2)
+    else:
+        for f in [pool.submit(block.extend, limit, floor2) for block, limit, floor2 in work]:
+            f.result()
+
+
+def _floor_for(blocks: list[Greedy], target: float) -> float:
+    """The squared distance down to which the blocks together are estimated to hold ``target`` picks.
+
+    Each block's pick count is extrapolated as a power of the distance, ``count ~ d2^-beta``,
+    with ``beta`` from its distances at half its picks and now (greedy k-center radii fall
+    like that, with ``beta`` about half the data's intrinsic dimension).
+    """
+    models = []
+    for b in blocks:
+        m, now = b.count, float(b.next_d2)
+        half = float(b.picks_d2[m // 2]) if m >= 4 else np.inf
+        if not now > 0 or not np.isfinite(half):
+            beta = 0.0  # covered or too few picks: assume it will not grow
+        else:
+            beta = float(np.clip(np.log(m / (m // 2)) / max(np.log(half / now), 1e-6), 0.1, 10.0))
+        models.append((m, now, beta))
+
+    def count(d2: float) -> float:
+        return sum(m * (now / d2) ** beta if d2 < now else m for m, now, beta in models)
+
+    top = max(now for _, now, _ in models)
+    if not top > 0 or count(top) >= target:
+        return top
+    lo, hi = np.log(top) - 40.0, np.log(top)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if count(np.exp(mid)) > target else (lo, mid)
+    return float(np.exp(hi))
+
+
+def _finish(blocks: list[Greedy], k: int) -> None:
+    """Serial end: extend the block whose next pick comes first until the first ``k`` picks are all made.
+
+    Below ``k`` picks that is simply the next ``k - count`` of the merge. If a round went past
+    the k-th pick's distance, a block may still have to go on: while its next pick would come
+    before the k-th so far.
+    """
+    heap = [(b.next_key(), i) for i, b in enumerate(blocks)]
+    heapq.heapify(heap)
+    for _ in range(k - sum(b.count for b in blocks)):
+        _, i = heapq.heappop(heap)
+        blocks[i].extend(blocks[i].count + 1)
+        heapq.heappush(heap, (blocks[i].next_key(), i))
+    d2, ids = _keys(blocks)
+    best = np.lexsort((ids, -d2))[:k]
+    kept = [(float(d2[j]), -int(ids[j])) for j in best]  # the first k so far; the root is the k-th
+    heapq.heapify(kept)
+    while heap[0][0] < (-kept[0][0], -kept[0][1]):
+        key, i = heapq.heappop(heap)
+        blocks[i].extend(blocks[i].count + 1)
+        heapq.heapreplace(kept, (-key[0], -key[1]))
+        heapq.heappush(heap, (blocks[i].next_key(), i))
+
+
+def _keys(blocks: list[Greedy]) -> tuple[np.ndarray, np.ndarray]:
+    """Squared distance and id of every pick so far, block after block."""
+    d2 = np.concatenate([b.picks_d2[: b.count] for b in blocks])
+    ids = np.concatenate([b.ids[b.picks[: b.count]] for b in blocks])
+    return d2, ids
+
+
+def _merge(blocks: list[Greedy], k: int, return_assignment: bool, n: int
+           ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` picks in merged order (and, for every row, the position of its nearest one).
+
+    Picks past the first ``k`` (a round that went too far) are dropped; the merge keeps a
+    prefix of each block's picks, and rows whose nearest pick was dropped are matched again,
+    exactly, against the kept picks of their block.
+    """
+    d2, ids = _keys(blocks)
+    merged = np.lexsort((ids, -d2))[:k]  # farthest first, ties to the lowest id
+    selected = ids[merged]
     if not return_assignment:
         return selected
+    position = np.full(d2.shape[0], -1, np.int32)
+    position[merged] = np.arange(k, dtype=np.int32)
     assign = np.empty(n, np.int32)
-    assign[state.order] = state.assign
+    start = 0
+    for b in blocks:
+        local = position[start : start + b.count]
+        kept = int((local >= 0).sum())
+        labels = b.assignment()
+        lost = np.flatnonzero(labels >= kept)
+        if lost.size:
+            where = np.empty(b.xs.shape[0], np.int64)
+            where[b.order] = np.arange(b.xs.shape[0])
+            centres = b.xs[where[b.picks[:kept]]]
+            for lo in range(0, lost.size, 4096):
+                chunk = b.xs[where[lost[lo : lo + 4096]]]
+                gap = (chunk * chunk).sum(1)[:, None] - 2 * chunk @ centres.T + (centres * centres).sum(1)[None]
+                labels[lost[lo : lo + 4096]] = gap.argmin(1)
+        assign[b.ids] = local[labels]
+        start += b.count
     return selected, assign
-
-
-@dataclass
-class _Groups:
-    """Rows grouped by nearest centre for the pruned loop; every array is in grouped row order."""
-
-    order: np.ndarray  # original row index of each grouped row
-    xs: np.ndarray  # projected rows
-    min_d2: np.ndarray  # squared distance to the nearest selected row
-    assign: np.ndarray  # selection position of that row
-    dc: np.ndarray  # distance to the row's group centre (ascending within a group)
-    offsets: np.ndarray  # group g is rows offsets[g]:offsets[g+1]
-    centres: np.ndarray  # projected group centres
-    radius: np.ndarray  # largest dc of each group (with slack)
-    group_max2: np.ndarray  # largest min_d2 of each group
-    group_arg: np.ndarray  # its grouped row (ties: lowest original row)
-    part_start: np.ndarray  # the groups of partition p are part_start[p]:part_start[p+1]
-
-
-def _regroup(xs: np.ndarray, partitions: np.ndarray | None, n_parts: int, centre_rows: np.ndarray,
-             min_d2: np.ndarray, assign: np.ndarray, order: np.ndarray) -> _Groups:
-    """Group rows by their nearest selected centre, sorted within a group by distance to it.
-
-    ``xs[j]`` is the projection of original row ``order[j]``; its rows are permuted in place
-    (one projected buffer, computed once) so each group is contiguous and its annuli are
-    slices. Groups are ordered by partition.
-    """
-    n, g_count = xs.shape[0], centre_rows.shape[0]
-    where = np.empty(n, np.int64)
-    where[order] = np.arange(n)
-    centre_part = np.zeros(g_count, np.int64) if partitions is None else partitions[centre_rows]
-    by_part = np.argsort(centre_part, kind="stable")  # group slot -> centre, partitions contiguous
-    slot = np.empty(g_count, np.int64)
-    slot[by_part] = np.arange(g_count)
-    part_start = np.searchsorted(centre_part[by_part], np.arange(n_parts + 1))
-    centres = np.ascontiguousarray(xs[where[centre_rows[by_part]]])
-    # Sort by (group slot, min_d2) in one pass: non-negative float32 bit patterns order like the values.
-    key = (slot[assign].astype(np.uint64) << np.uint64(32)) | min_d2.view(np.uint32).astype(np.uint64)
-    perm = np.argsort(key, kind="stable")
-    del key
-    order, min_d2, assign = order[perm], min_d2[perm], assign[perm]
-    _permute_rows(xs, perm, np.zeros(n, np.bool_), np.empty(xs.shape[1], np.float32))
-    offsets = np.zeros(g_count + 1, np.int64)
-    np.cumsum(np.bincount(slot[assign], minlength=g_count), out=offsets[1:])
-    dc = np.empty(n, np.float32)
-    _centre_distances(xs, centres, offsets, dc)
-    # dc and min_d2 come from different kernels and may differ in the last bit: keep each slice sorted by dc
-    unsorted = np.flatnonzero(np.diff(dc) < 0) + 1
-    for g in np.unique(np.searchsorted(offsets, unsorted, side="right") - 1):
-        lo, hi = offsets[g], offsets[g + 1]
-        if hi - lo > 1 and (np.diff(dc[lo:hi]) < 0).any():
-            fix = lo + np.argsort(dc[lo:hi], kind="stable")
-            order[lo:hi], xs[lo:hi], min_d2[lo:hi], dc[lo:hi], assign[lo:hi] = (
-                order[fix], xs[fix], min_d2[fix], dc[fix], assign[fix])
-    group_max2 = np.full(g_count, -1.0, np.float32)
-    group_arg = np.full(g_count, -1, np.int64)
-    radius = np.zeros(g_count, np.float32)
-    _group_extremes(min_d2, dc, order, offsets, group_max2, group_arg, radius)
-    return _Groups(order, xs, min_d2, assign, dc, offsets, centres, radius, group_max2, group_arg, part_start)
-
-
-@njit("void(float32[:, ::1], int64[::1], boolean[::1], float32[::1])", cache=_C)
-def _permute_rows(x, perm, done, tmp):  # pragma: no cover - compiled
-    """x[i] = x_before[perm[i]] in place, by following the permutation's cycles."""
-    for start in range(perm.shape[0]):
-        if done[start]:
-            continue
-        tmp[:] = x[start]
-        j = start
-        while True:
-            done[j] = True
-            k = perm[j]
-            if k == start:
-                x[j] = tmp
-                break
-            x[j] = x[k]
-            j = k
-
-
-@njit("void(float32[::1], float32[::1], int64[::1], int64[::1], float32[::1], int64[::1], float32[::1])",
-      cache=_C)
-def _group_extremes(min_d2, dc, order, offsets, group_max2, group_arg, radius):  # pragma: no cover - compiled
-    """Per group: the largest min_d2 (ties: lowest original row), its row, and the radius."""
-    for g in range(offsets.shape[0] - 1):
-        lo, hi = offsets[g], offsets[g + 1]
-        if lo == hi:  # only when rows duplicate an earlier centre exactly
-            continue
-        group_max2[g], group_arg[g] = _farthest(min_d2, order, lo, hi)
-        radius[g] = dc[hi - 1] * (1 + _SLACK)
 
 
 def greedy_coreset_reference(x: np.ndarray, k: int, first: int) -> np.ndarray:

@@ -105,9 +105,17 @@ def _check_graph_search(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist
         raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")
     if dist2.shape != (n,) or nearest.shape != (n,) or dist2.dtype != np.float32 or nearest.dtype != np.int32:
         raise ValueError(f"dist2/nearest must be float32/int32 vectors of length {n}")
-    if graph.size and graph.max() >= bank.shape[0]:
-        raise ValueError("graph rows must index the bank")
     return n
+
+
+def check_graph(graph: np.ndarray, bank_rows: int) -> None:
+    """Refuse a k-NN graph that names rows past the bank.
+
+    A scan of the whole graph, so it runs once, where a graph is installed, not per search:
+    the searches stop a neighbour list at such a row rather than read past the bank.
+    """
+    if graph.size and graph.max() >= bank_rows:
+        raise ValueError(f"graph rows must index the bank (rows 0..{bank_rows - 1}), found {graph.max()}")
 
 
 def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.ndarray, nearest: np.ndarray,
@@ -121,7 +129,7 @@ def graph_descent(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, dist2: np.
     Args:
         x: ``[T, C, P]`` float32 queries.
         bank: ``[B, C]`` float32 bank.
-        graph: ``[B, K]`` int32 nearest bank rows of each bank row (padded with -1).
+        graph: ``[B, K]`` int32 nearest bank rows of each bank row (padded with -1; see ``check_graph``).
         dist2: ``[T*P]`` float32 current squared distances (updated).
         nearest: ``[T*P]`` int32 current nearest rows (updated).
         max_steps: greedy steps per query.
@@ -185,7 +193,7 @@ def _graph_beam(x, bank, graph, rows, dist2, nearest, targets, max_expand):  # p
             expanded[j] = True
             for kk in range(k_count):
                 nb = graph[cand_r[j], kk]
-                if nb < 0:
+                if nb < 0 or nb >= bank.shape[0]:  # end of the list (a row past the bank is never read)
                     break
                 h = (nb * 2654435761) & (table - 1)
                 fresh = True
@@ -219,7 +227,7 @@ def graph_beam(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, rows: np.ndar
     Args:
         x: ``[T, C, P]`` float32 queries.
         bank: ``[B, C]`` float32 bank.
-        graph: ``[B, K]`` int32 nearest bank rows of each bank row (padded with -1).
+        graph: ``[B, K]`` int32 nearest bank rows of each bank row (padded with -1; see ``check_graph``).
         rows: ``[R]`` int64 flat query positions to search.
         dist2: ``[T*P]`` float32 current squared distances (updated at ``rows``).
         nearest: ``[T*P]`` int32 current nearest rows (updated at ``rows``).

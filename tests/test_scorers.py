@@ -268,6 +268,10 @@ def test_load_state_refuses_inconsistent_arrays(patchcore: PatchCore, padim: Pad
     small.add(patchcore.bank[:10])
     with pytest.raises(ScorerError, match="FAISS index holds 10 rows, the bank"):
         hnsw.load_state(arrays | {"faiss_index": faiss.serialize_index(small)}, meta)
+    past = arrays["graph"].copy()
+    past[0, 0] = meta["bank"]
+    with pytest.raises(ScorerError, match="k-NN graph: graph rows must index the bank"):
+        create("patchcore", PATCHCORE).load_state(arrays | {"graph": past}, meta)
     arrays, meta = padim.state()
     with pytest.raises(ScorerError, match="do not match their recorded shapes"):
         create("padim", PADIM).load_state(arrays | {"mean": arrays["mean"][:, :-1]}, meta)

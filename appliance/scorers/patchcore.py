@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 from appliance_kernels.coreset import greedy_coreset
-from appliance_kernels.nn_search import graph_beam, graph_descent, shortlist_nn
+from appliance_kernels.nn_search import check_graph, graph_beam, graph_descent, shortlist_nn
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
@@ -46,6 +46,8 @@ _REFINE_BATCH = 4
 _CLEAR_BULK = 64
 _BEAM_EXPAND = 32
 _EXACT = 3
+#: Open patches the certified search's rounds look at before rescanning all of them.
+_POOL = 256
 #: Training patches sampled to measure the bank's coverage radius.
 _COVERAGE_SAMPLE = 20000
 
@@ -60,8 +62,8 @@ class PatchCoreConfig:
         projection_dim: random-projection width for the coreset's distances.
         coreset_partitions: the coreset is selected over this many position partitions (tiles, or
             bands of a tile along its longer side): a patch is only covered by bank rows from its
-            own partition, which divides the coreset's work by about this number; 1: one
-            global selection, as the paper.
+            own partition, which divides the coreset's work by about this number and lets the
+            partitions run on separate threads; 1: one global selection on one thread, as the paper.
         spill_mb: training patches above this many MB are collected in a temporary file (in
             ``TMPDIR``) rather than in memory (``None``: always in memory).
         num_neighbors: support size of the paper's image-score reweighting.
@@ -273,6 +275,10 @@ class PatchCore(Scorer):
             raise ScorerError("the FAISS index's dimension differs from the bank's")
         if self.shortlist.size and self.shortlist.max() >= self.bank.shape[0]:
             raise ScorerError("PatchCore shortlists point past the bank")
+        try:
+            check_graph(self.graph, self.bank.shape[0])
+        except ValueError as exc:
+            raise ScorerError(f"PatchCore k-NN graph: {exc}") from None
 
     # ---------------------------------------------------------------- scoring
     def _queries(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -338,11 +344,24 @@ class PatchCore(Scorer):
         if self.valid is not None:
             state[~self.valid.reshape(-1)] = _EXACT  # nothing to certify outside the valid area
         keys = key(np.arange(d2.size))  # kept current for every row a stage touches
-        candidates = np.flatnonzero(state < _EXACT)
         best = -np.inf
         self.refined_last = self.approx_last = 0
-        while candidates.size:
+
+        def refill() -> tuple[np.ndarray, float]:
+            """The open rows with the largest keys, and the largest key of the others (keys only fall)."""
+            rows = np.flatnonzero((state < _EXACT) & (keys > best))
+            if rows.size <= _POOL:
+                return rows, -np.inf
+            part = np.argpartition(-keys[rows], _POOL)
+            return rows[part[:_POOL]], float(keys[rows[part[_POOL]]])
+
+        candidates, outside = refill()  # the rounds work on this pool while it provably holds what they need
+        while True:
             candidates = candidates[(state[candidates] < _EXACT) & (keys[candidates] > best)]
+            if outside > best and (candidates.size <= max(_CLEAR_BULK, _LAZY_BATCH)
+                                   or np.partition(keys[candidates], -_LAZY_BATCH)[-_LAZY_BATCH] < outside):
+                candidates, outside = refill()
+                continue
             if not candidates.size:
                 break
             if candidates.size <= _CLEAR_BULK and best > -np.inf:

@@ -282,11 +282,56 @@ def test_partitioned_pruned_and_plain_loops_agree_with_projection() -> None:
     np.testing.assert_array_equal(pruned, plain)
 
 
-def test_fewer_picks_than_partitions_seed_distinct_partitions() -> None:
+def test_fewer_picks_than_partitions_ignore_the_partitions() -> None:
     x = gaussian_blobs(500, 6, seed=16)
     partitions = np.arange(500) % 10
-    got = greedy_coreset(x, 4, projection_dim=None, partitions=partitions)
-    assert len(set(partitions[got])) == 4
+    got = greedy_coreset(x, 4, projection_dim=None, seed=3, partitions=partitions)
+    np.testing.assert_array_equal(got, greedy_coreset(x, 4, projection_dim=None, seed=3))
+
+
+@pytest.mark.parametrize("rounds", [(0.5, 0.9, 0.97), (0.02,), (0.999,), (0.3, 0.6, 0.8, 0.95, 0.999), (1.0, 1.0)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_and_rounds_do_not_change_the_selection(rounds: tuple[float, ...], threads: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions run in threaded rounds down to estimated distances, then a serial finish: whatever the
+    rounds reach, the result is the greedy-within-partitions sequence, exactly k long."""
+    from appliance_kernels import config
+
+    x = gaussian_blobs(6000, 10, seed=17)
+    partitions = np.repeat(np.arange(6), [400, 700, 1500, 900, 1200, 1300])  # unequal sizes
+    monkeypatch.setattr(config, "CORESET_ROUNDS", rounds)
+    got, assign = greedy_coreset(x, 300, projection_dim=None, seed=4, clusters=12, partitions=partitions,
+                                 threads=threads, return_assignment=True)
+    assert got.shape == (300,)
+    seeds = got[:6]
+    np.testing.assert_array_equal(got, partitioned_reference(x, partitions, 300, seeds))
+    d2, _ = brute_nearest(x, got)
+    d2[partitions[:, None] != partitions[got][None, :]] = np.inf
+    np.testing.assert_allclose(d2[np.arange(len(x)), assign], d2.min(1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_extended_in_steps_equals_one_extended_at_once() -> None:
+    """``Greedy`` resumes where it stopped: by pick count or by distance floor."""
+    from appliance_kernels.greedy import Greedy
+
+    x = gaussian_blobs(3000, 8, seed=18)
+    whole = Greedy(x.copy(), np.arange(3000), first=5, plain=10, regroup_factor=2)
+    whole.extend(200)
+    steps = Greedy(x.copy(), np.arange(3000), first=5, plain=10, regroup_factor=2)
+    for limit in (1, 7, 31, 64, 150, 200):
+        steps.extend(limit)
+        assert steps.count == limit
+    floor2 = float(whole.picks_d2[120])
+    part = Greedy(x.copy(), np.arange(3000), first=5, plain=10, regroup_factor=2)
+    part.extend(200, floor2)  # stops before the first pick at or within the floor
+    assert part.count == int((whole.picks_d2[:200] > floor2).sum()) and part.next_d2 <= floor2
+    part.extend(200)
+    for block in (steps, part):
+        np.testing.assert_array_equal(block.picks[:200], whole.picks[:200])
+        np.testing.assert_array_equal(block.picks_d2[:200], whole.picks_d2[:200])
+        np.testing.assert_array_equal(block.assignment(), whole.assignment())
+    assert np.all(np.diff(whole.picks_d2[1:200]) <= 0)  # the farthest distance never grows
+    np.testing.assert_array_equal(whole.picks[:200], greedy_coreset_reference(x, 200, 5))
 
 
 @pytest.mark.parametrize("bad", [np.zeros(3, np.int64), -np.ones(100, np.int64), np.zeros(100, np.float32)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from appliance_kernels.nn_search import (
+    check_graph,
     graph_beam,
     graph_beam_reference,
     graph_descent,
@@ -157,8 +158,16 @@ def test_graph_descent_validation() -> None:
     d2, nearest = shortlist_nn(x, bank, shortlist)
     with pytest.raises(ValueError, match="graph must be"):
         graph_descent(x, bank, knn_graph(bank, 3).astype(np.int64), d2, nearest)
-    with pytest.raises(ValueError, match="graph rows must index the bank"):
-        graph_descent(x, bank, np.full((20, 3), 25, np.int32), d2, nearest)
+    with pytest.raises(ValueError, match=r"graph rows must index the bank \(rows 0..19\), found 25"):
+        check_graph(np.full((20, 3), 25, np.int32), 20)
+    # Unchecked, a row past the bank ends its neighbour list: it is never read.
+    past = knn_graph(bank, 3)
+    past[:, 1] = 25
+    got = d2.copy(), nearest.copy()
+    graph_descent(x, bank, past, *got)
+    want = d2.copy(), nearest.copy()
+    graph_descent(x, bank, np.where(past == 25, -1, past).astype(np.int32), *want)
+    np.testing.assert_array_equal(got[0], want[0])
     with pytest.raises(ValueError, match="dist2/nearest"):
         graph_descent(x, bank, knn_graph(bank, 3), d2[:5], nearest)
 
@@ -220,4 +229,10 @@ def test_graph_beam_validation() -> None:
         graph_beam(x, bank, graph, np.array([10]), d2, nearest, targets[:1])
     with pytest.raises(ValueError, match="max_expand"):
         graph_beam(x, bank, graph, rows, d2, nearest, targets, -1)
+    past = graph.copy()
+    past[:, 2] = 99  # past the bank: ends each list, as a -1 does
+    got, want = (d2.copy(), nearest.copy()), (d2.copy(), nearest.copy())
+    graph_beam(x, bank, past, rows, *got, targets)
+    graph_beam(x, bank, np.where(past == 99, -1, past).astype(np.int32), rows, *want, targets)
+    np.testing.assert_array_equal(got[0], want[0])
     graph_beam(x, bank, graph, np.array([], np.int64), d2, nearest, np.array([], np.float32))  # nothing to do
