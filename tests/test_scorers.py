@@ -194,6 +194,15 @@ def test_reweighting_keeps_the_score_positive_and_not_above_the_maximum(patchcor
         assert 0 < score <= plain
 
 
+def test_reweighting_support_from_the_graph_matches_an_exhaustive_search(patchcore: PatchCore, case: Case) -> None:
+    from_graph = clone(patchcore, reweight=True)  # graph degree 16 >= 9 - 1: support from the graph
+    exhaustive = clone(patchcore, reweight=True)
+    exhaustive.graph = np.zeros((exhaustive.bank.shape[0], 0), np.int32)  # too narrow: an exhaustive search
+    assert from_graph.graph.shape[1] >= from_graph.config.num_neighbors - 1
+    for f in [*case.good, *(f for _, f, _ in case.defects)]:
+        assert from_graph.score(f)[1] == pytest.approx(exhaustive.score(f)[1], rel=1e-6)
+
+
 # --- growing the bank -----------------------------------------------------------------------------------------------
 
 

@@ -8,8 +8,6 @@ from appliance_kernels.nn_search import (
     check_graph,
     graph_beam,
     graph_beam_reference,
-    graph_descent,
-    graph_descent_reference,
     shortlist_nn,
     shortlist_nn_reference,
 )
@@ -128,13 +126,12 @@ def knn_graph(bank: np.ndarray, degree: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_graph_descent_matches_reference_and_only_tightens(steps: int) -> None:
+def test_graph_steps_match_reference_and_only_tighten(steps: int) -> None:
     x, bank, shortlist = problem(2, 16, 60, 300, 3, seed=7)
     graph = knn_graph(bank, 8)
-    d2, nearest = shortlist_nn(x, bank, shortlist)
-    before = d2.copy()
-    ref_d2, ref_nn = graph_descent_reference(x, bank, graph, d2, nearest, steps)
-    graph_descent(x, bank, graph, d2, nearest, steps)
+    before, _ = shortlist_nn(x, bank, shortlist)
+    d2, nearest = shortlist_nn(x, bank, shortlist, graph, steps)
+    ref_d2, ref_nn = shortlist_nn_reference(x, bank, shortlist, graph, steps)
     np.testing.assert_allclose(d2, ref_d2, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(nearest, ref_nn)
     assert (d2 <= before).all() and (d2 < before).any()  # bounds only get tighter, and some do
@@ -142,34 +139,33 @@ def test_graph_descent_matches_reference_and_only_tightens(steps: int) -> None:
     np.testing.assert_allclose(d2, ((queries(x) - bank[nearest]) ** 2).sum(1), rtol=1e-5, atol=1e-5)
     exact = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1).min(1)
     assert (d2 >= exact * (1 - 1e-5) - 1e-6).all()
+    np.testing.assert_array_equal(shortlist_nn(x, bank, shortlist, graph, 0)[0], before)  # no steps: no graph
 
 
-def test_graph_descent_with_many_steps_reaches_the_exact_neighbour_on_a_well_connected_graph() -> None:
+def test_graph_steps_reach_the_exact_neighbour_on_a_well_connected_graph() -> None:
     x, bank, shortlist = problem(1, 8, 40, 80, 1, seed=3)
     graph = knn_graph(bank, 79)  # complete graph: one step from anywhere reaches the nearest row
-    d2, nearest = shortlist_nn(x, bank, shortlist)
-    graph_descent(x, bank, graph, d2, nearest, 1)
+    _, nearest = shortlist_nn(x, bank, shortlist, graph, 1)
     exact = ((queries(x)[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_array_equal(nearest, exact.argmin(1))
 
 
-def test_graph_descent_validation() -> None:
+def test_graph_validation() -> None:
     x, bank, shortlist = problem(1, 8, 10, 20, 2, seed=2)
-    d2, nearest = shortlist_nn(x, bank, shortlist)
     with pytest.raises(ValueError, match="graph must be"):
-        graph_descent(x, bank, knn_graph(bank, 3).astype(np.int64), d2, nearest)
+        shortlist_nn(x, bank, shortlist, knn_graph(bank, 3).astype(np.int64), 2)
+    with pytest.raises(ValueError, match="graph must be"):
+        shortlist_nn(x, bank, shortlist, knn_graph(bank, 3)[:-1], 2)
+    with pytest.raises(ValueError, match="max_steps"):
+        shortlist_nn(x, bank, shortlist, knn_graph(bank, 3), -1)
     with pytest.raises(ValueError, match=r"graph rows must index the bank \(rows 0..19\), found 25"):
         check_graph(np.full((20, 3), 25, np.int32), 20)
     # Unchecked, a row past the bank ends its neighbour list: it is never read.
     past = knn_graph(bank, 3)
     past[:, 1] = 25
-    got = d2.copy(), nearest.copy()
-    graph_descent(x, bank, past, *got)
-    want = d2.copy(), nearest.copy()
-    graph_descent(x, bank, np.where(past == 25, -1, past).astype(np.int32), *want)
+    got = shortlist_nn(x, bank, shortlist, past, 2)
+    want = shortlist_nn(x, bank, shortlist, np.where(past == 25, -1, past).astype(np.int32), 2)
     np.testing.assert_array_equal(got[0], want[0])
-    with pytest.raises(ValueError, match="dist2/nearest"):
-        graph_descent(x, bank, knn_graph(bank, 3), d2[:5], nearest)
 
 
 # --- graph beam ------------------------------------------------------------------------------------------------------
@@ -179,8 +175,7 @@ def test_graph_descent_validation() -> None:
 def test_graph_beam_matches_reference_and_escapes_local_minima(expand: int) -> None:
     x, bank, shortlist = problem(2, 16, 60, 300, 3, seed=11)
     graph = knn_graph(bank, 6)
-    d2, nearest = shortlist_nn(x, bank, shortlist)
-    graph_descent(x, bank, graph, d2, nearest, 50)  # greedy descent to its local minima
+    d2, nearest = shortlist_nn(x, bank, shortlist, graph, 50)  # greedy descent to its local minima
     stuck = d2.copy()
     rows = np.arange(0, 120, 3, dtype=np.int64)
     targets = np.full(rows.size, -1.0, np.float32)  # never good enough: the full budget is spent
