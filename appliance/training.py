@@ -190,7 +190,7 @@ def _position_norm(scorer: Scorer, goods: list[np.ndarray], valid: np.ndarray | 
     Each good image is scored with the statistics of the *other* good images (leave-one-out);
     scoring it with statistics it took part in would set the threshold too low.
     """
-    raw = np.stack([scorer.score(f)[0] for f in goods])
+    raw = np.stack([scorer.patch_scores(f) for f in goods])
     scores = [scorer.score(f, norm)[1] for f, norm in zip(goods, PositionNorm.leave_one_out(raw, valid), strict=True)]
     return PositionNorm.fit(raw, valid), scores
 

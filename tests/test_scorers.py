@@ -194,6 +194,24 @@ def test_reweighting_keeps_the_score_positive_and_not_above_the_maximum(patchcor
         assert 0 < score <= plain
 
 
+@pytest.mark.parametrize("kind", ["patchcore", "padim"])
+def test_patch_scores_for_statistics_are_the_scores_maps_up_to_the_certified_maximum(
+        request: pytest.FixtureRequest, case: Case, kind: str) -> None:
+    scorer = request.getfixturevalue(kind)
+    for f in [*case.good, *(f for _, f, _ in case.defects)]:
+        stats, (patches, _) = scorer.patch_scores(f), scorer.score(f)
+        assert stats.shape == patches.shape and stats.dtype == patches.dtype
+        if kind == "padim":
+            np.testing.assert_array_equal(stats, patches)
+            continue
+        exact = clone(scorer, candidates="none").score(f)[0]
+        assert (stats >= exact - 1e-4).all()  # upper bounds everywhere ...
+        assert (stats >= patches - 1e-6).all()  # ... that the certified search only tightens
+        assert (stats == patches).mean() > 0.9  # where it needed to: around the maximum
+        top = np.unravel_index(int(np.argmax(patches)), patches.shape)
+        assert patches[top] == pytest.approx(exact[top], rel=1e-5)
+
+
 def test_reweighting_support_from_the_graph_matches_an_exhaustive_search(patchcore: PatchCore, case: Case) -> None:
     from_graph = clone(patchcore, reweight=True)  # graph degree 16 >= 9 - 1: support from the graph
     exhaustive = clone(patchcore, reweight=True)

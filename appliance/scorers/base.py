@@ -59,6 +59,14 @@ class Scorer(ABC):
         and the image score is the exact maximum of the normalised patch scores.
         """
 
+    def patch_scores(self, features: np.ndarray) -> np.ndarray:
+        """Raw patch scores ``[T, h, w]`` for statistics over many images (the position norm's).
+
+        Like ``score(features)[0]``, but a scorer that bounds its patch scores may skip making
+        the maximum exact: statistics are taken at every position, not at an image's maximum.
+        """
+        return self.score(features)[0]
+
     @abstractmethod
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """Arrays and JSON metadata that fully describe the fitted scorer."""
