@@ -96,7 +96,9 @@ def fit(
                                          )],
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")],
     scorer: Annotated[str, typer.Option(help="patchcore or padim")] = "patchcore",
-    size: Annotated[str, typer.Option(help="working size: HEIGHT (aspect ratio kept) or HEIGHTxWIDTH")] = "256",
+    size: Annotated[str | None, typer.Option(
+        help="working size: HEIGHT (aspect ratio kept) or HEIGHTxWIDTH [default: 256; with --tile, the frame's "
+             "own height, rounded down to a multiple of 16, so the tiles see it at full resolution]")] = None,
     tile: Annotated[str | None, typer.Option(help="tile size HxW (or N) for tiled inference")] = None,
     overlap: Annotated[int, typer.Option(help="minimum tile overlap, working pixels")] = 32,
     roi: Annotated[str | None, typer.Option(help="crop x,y,w,h in source pixels")] = None,
@@ -122,7 +124,7 @@ def fit(
     from .training import FitOptions
     from .training import fit as run_fit
 
-    height, width = _parse_size(size)
+    height, width = _parse_size(size) if size is not None else (None if tile else 256, None)
     roi_t = None
     if roi:
         try:

@@ -83,7 +83,7 @@ class PreprocessSpec:
     def for_source(
         cls,
         source_size: tuple[int, int],
-        height: int,
+        height: int | None,
         width: int | None = None,
         tile: tuple[int, int] | None = None,
         overlap: int = 32,
@@ -91,9 +91,13 @@ class PreprocessSpec:
         white_level: int | None = None,
         interpolation: str = "linear",
     ) -> PreprocessSpec:
-        """A spec whose working width keeps the (ROI's) aspect ratio unless ``width`` is given."""
+        """A spec whose working width keeps the (ROI's) aspect ratio unless ``width`` is given.
+
+        ``height=None`` works at the (ROI's) own resolution: its height rounded down to a multiple
+        of 16, never upscaled. That is what tiling is for: small defects seen at full resolution.
+        """
         rh, rw = (roi[3], roi[2]) if roi else source_size
-        h = round_to(height)
+        h = round_to(height) if height is not None else max(MULTIPLE, rh // MULTIPLE * MULTIPLE)
         w = round_to(width) if width else round_to(h * rw / rh)
         return cls(tuple(source_size), (h, w), tile and tuple(tile), overlap, roi and tuple(roi), white_level,
                    interpolation)

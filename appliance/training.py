@@ -44,7 +44,8 @@ class FitOptions:
     Attributes:
         scorer: ``patchcore`` or ``padim``.
         settings: the scorer's settings (see its config class).
-        height: working height in pixels (rounded to a multiple of 16).
+        height: working height in pixels (rounded to a multiple of 16); ``None``: the frame's (ROI's)
+            own height, rounded down (full resolution, for tiling).
         width: working width; ``None`` keeps the aspect ratio.
         tile: tile ``(H, W)`` for tiled inference, or ``None``.
         overlap: minimum tile overlap in working pixels.
@@ -67,7 +68,7 @@ class FitOptions:
 
     scorer: str = "patchcore"
     settings: dict = field(default_factory=dict)
-    height: int = 256
+    height: int | None = 256
     width: int | None = None
     tile: tuple[int, int] | None = None
     overlap: int = 32

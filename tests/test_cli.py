@@ -47,6 +47,16 @@ def test_fit_writes_a_bundle_that_verifies(bundle: Path) -> None:
     assert code == 0 and "golden" in text, text
 
 
+def test_tiling_without_a_size_works_at_the_frames_own_resolution(tmp_path: Path) -> None:
+    out = tmp_path / "tiled"
+    code, text = invoke("fit", SAMPLE_DIR, "--out", out, "--tile", "240x288", "--overlap", "16",
+                        "--calibration-fraction", "0.15", "-q", "--no-position-norm")
+    assert code == 0, text
+    preprocess = json.loads((out / "manifest.json").read_text())["preprocess"]
+    assert preprocess["size"] == [448, 1104]  # 460 rounded down to a multiple of 16; 1130x460 aspect kept
+    assert preprocess["tile"] == [240, 288]
+
+
 def test_predict_json_scores_real_defects_above_good_images(bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     code, text = invoke("predict", bundle, SAMPLE_DIR / "test" / "good", SAMPLE_DIR / "test" / "pitting",

@@ -71,6 +71,17 @@ def test_for_source_keeps_aspect_ratio_and_rounds_to_16(source: tuple, height: i
     assert spec.source_size == source and spec.roi == roi
 
 
+@pytest.mark.parametrize(
+    ("source", "roi", "size"),
+    [((460, 1130), None, (448, 1104)), ((480, 640), None, (480, 640)), ((600, 800), (100, 50, 500, 127), (112, 448)),
+     ((10, 40), None, (16, 64))],
+)
+def test_for_source_without_height_works_at_the_frames_own_resolution(source: tuple, roi: tuple | None,
+                                                                      size: tuple) -> None:
+    """Rounded down, never up: the working image is never larger than the frame (or ROI) it comes from."""
+    assert PreprocessSpec.for_source(source, None, roi=roi).size == size
+
+
 def test_for_source_explicit_width_and_tiny_sizes() -> None:
     assert PreprocessSpec.for_source((100, 100), 100, 250).size == (96, 256)
     assert PreprocessSpec.for_source((100, 1000), 5).size == (16, 160)  # never below one multiple
