@@ -169,8 +169,3 @@ class Engine:
         if not in_source:
             return work
         return source_map(work, self.spec, frame_shape)
-
-    def warm_up(self) -> None:
-        """One dummy frame through every stage, so the first real frame pays no compile or page-in."""
-        sh, sw = self.spec.source_size
-        self.score(np.zeros((sh, sw, 3), np.uint8))

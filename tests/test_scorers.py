@@ -212,6 +212,14 @@ def test_patch_scores_for_statistics_are_the_scores_maps_up_to_the_certified_max
         assert patches[top] == pytest.approx(exact[top], rel=1e-5)
 
 
+def test_patchcore_warm_up_runs_every_stage_but_certifies_at_once(patchcore: PatchCore, case: Case) -> None:
+    scorer = clone(patchcore)
+    scorer.warm_up(case.good[0].shape)
+    assert scorer.refined_last <= 2 and scorer.approx_last <= 16  # exact bounds: the first round settles it
+    with pytest.raises(ScorerError, match="do not fit this bank"):
+        scorer.warm_up((1, 7, 4, 4))  # a shape that cannot be scored is refused, as a frame of it would be
+
+
 def test_reweighting_support_from_the_graph_matches_an_exhaustive_search(patchcore: PatchCore, case: Case) -> None:
     from_graph = clone(patchcore, reweight=True)  # graph degree 16 >= 9 - 1: support from the graph
     exhaustive = clone(patchcore, reweight=True)

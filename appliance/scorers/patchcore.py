@@ -526,5 +526,15 @@ class PatchCore(Scorer):
         self.set_bank(bank, shortlist, arrays.get("valid"), index=index, hnsw=hnsw, graph=arrays.get("graph"))
 
     def warm_up(self, shape: tuple[int, ...]) -> None:
-        """Score zeros once so kernels are loaded before the first frame."""
-        self.score(np.zeros(shape, np.float32))
+        """Score once so kernels are loaded before the first frame.
+
+        On features where each patch is its position's first shortlisted bank row, every bound
+        is exact and zero, so all stages run but certification ends at once. (Zeros, far from every
+        row, made it search exactly patch after patch: 3.9 s on a tiled 50k bank.)
+        """
+        t, c, h, w = shape
+        if self.shortlist is None or c != self.bank.shape[1] or t * h * w != self.shortlist.shape[0]:
+            self.score(np.zeros(shape, np.float32))  # refused with a clear error, as a real frame would be
+            return
+        first = self.bank[self.shortlist[:, 0]].reshape(t, h, w, c).transpose(0, 3, 1, 2)
+        self.score(np.ascontiguousarray(first))
