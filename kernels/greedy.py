@@ -179,9 +179,9 @@ class Greedy:
 
     The rows (a view, permuted in place as they are regrouped) are numbered ``0..n-1`` in
     their given order; picks, ties and the assignment refer to that numbering, whose order
-    must agree with ``ids``. Plain
-    iterations scan every row; after ``plain`` of them, rows are grouped around the centres
-    for the pruned loop, and regrouped each time the centres grow by ``regroup_factor``.
+    must agree with ``ids``. Plain iterations scan every row; after ``plain`` of them, rows
+    are grouped around the centres for the pruned loop, and regrouped each time the centres
+    grow by ``regroup_factor``.
     """
 
     def __init__(self, xs: np.ndarray, ids: np.ndarray, first: int, plain: int, regroup_factor: int) -> None:
