@@ -131,7 +131,7 @@ def greedy_coreset(
     n_blocks = len(firsts)
     plain = clusters // n_blocks if clusters > 0 else n
     blocks = [Greedy(x[lo:hi], ids[lo:hi], first, plain, regroup_factor)
-              for lo, hi, first in zip(bounds[:-1], bounds[1:], firsts, strict=True)]
+              for (lo, hi), first in zip(itertools.pairwise(bounds), firsts, strict=True)]
     _select(blocks, k, threads)
     return _merge(blocks, k, return_assignment, n)
 
@@ -260,11 +260,9 @@ def _merge(blocks: list[Greedy], k: int, return_assignment: bool, n: int
         labels = b.assignment()
         lost = np.flatnonzero(labels >= kept)
         if lost.size:
-            where = np.empty(b.xs.shape[0], np.int64)
-            where[b.order] = np.arange(b.xs.shape[0])
-            centres = b.xs[where[b.picks[:kept]]]
-            for lo in range(0, lost.size, 4096):
-                chunk = b.xs[where[lost[lo : lo + 4096]]]
+            centres, rows = b.vectors(b.picks[:kept]), b.vectors(lost)
+            for lo in range(0, lost.size, 4096):  # bounded temporaries
+                chunk = rows[lo : lo + 4096]
                 gap = (chunk * chunk).sum(1)[:, None] - 2 * chunk @ centres.T + (centres * centres).sum(1)[None]
                 labels[lost[lo : lo + 4096]] = gap.argmin(1)
         assign[b.ids] = local[labels]

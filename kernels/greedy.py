@@ -236,6 +236,12 @@ class Greedy:
         out[self.order] = self.assign
         return out
 
+    def vectors(self, numbers: np.ndarray) -> np.ndarray:
+        """The projected rows numbered ``numbers`` (rows move in ``xs`` as they are regrouped)."""
+        where = np.empty(self.order.shape[0], np.int64)
+        where[self.order] = np.arange(self.order.shape[0])
+        return self.xs[where[numbers]]
+
     def _reserve(self, size: int) -> None:
         if size > self.picks.shape[0]:
             grow = max(size, 2 * self.picks.shape[0])
@@ -249,9 +255,7 @@ class Greedy:
         contiguous and its annuli are slices.
         """
         xs, n, g_count = self.xs, self.xs.shape[0], self.count
-        where = np.empty(n, np.int64)
-        where[self.order] = np.arange(n)
-        centres = np.ascontiguousarray(xs[where[self.picks[:g_count]]])
+        centres = self.vectors(self.picks[:g_count])
         # Sort by (group, min_d2) in one pass: non-negative float32 bit patterns order like the values.
         key = (self.assign.astype(np.uint64) << np.uint64(32)) | self.min_d2.view(np.uint32).astype(np.uint64)
         perm = np.argsort(key, kind="stable")

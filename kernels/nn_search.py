@@ -75,7 +75,7 @@ def shortlist_nn(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarray, graph: 
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     if graph is None:
         graph, max_steps = np.zeros((bank.shape[0], 0), np.int32), 0
-    _check_graph(graph, bank)
+    _check_graph_layout(graph, bank)
     dist2 = np.empty(shortlist.shape[0], np.float32)
     nearest = np.empty(shortlist.shape[0], np.int32)
     _shortlist_nn(x, bank, np.ascontiguousarray(shortlist), graph, int(max_steps), dist2, nearest)
@@ -109,7 +109,8 @@ def shortlist_nn_reference(x: np.ndarray, bank: np.ndarray, shortlist: np.ndarra
     return dist2, nearest
 
 
-def _check_graph(graph: np.ndarray, bank: np.ndarray) -> None:
+def _check_graph_layout(graph: np.ndarray, bank: np.ndarray) -> None:
+    """Dtype and shape of a k-NN graph (its contents: ``check_graph``, once, where it is installed)."""
     if graph.dtype != np.int32 or graph.ndim != 2 or graph.shape[0] != bank.shape[0] or not graph.flags.c_contiguous:
         raise ValueError(f"graph must be C-contiguous int32 [{bank.shape[0]}, K], got {graph.dtype} {graph.shape}")
 
@@ -203,7 +204,7 @@ def graph_beam(x: np.ndarray, bank: np.ndarray, graph: np.ndarray, rows: np.ndar
     """
     rows = np.ascontiguousarray(rows, np.int64)
     targets = np.ascontiguousarray(targets, np.float32)
-    _check_graph(graph, bank)
+    _check_graph_layout(graph, bank)
     n = x.shape[0] * x.shape[2]
     if dist2.shape != (n,) or nearest.shape != (n,) or dist2.dtype != np.float32 or nearest.dtype != np.int32:
         raise ValueError(f"dist2/nearest must be float32/int32 vectors of length {n}")

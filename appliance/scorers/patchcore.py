@@ -401,18 +401,19 @@ class PatchCore(Scorer):
         As every patch but the top one of a scored image is (on a tiled ball-screw fit, raw
         calibration scoring took 27 ms per image, most of it certifying a maximum nobody used).
         """
-        t, _, h, w = features.shape
         d2, _ = self.nearest(features, certify=False)
+        return self._distances(d2, features.shape)
+
+    def _distances(self, d2: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``[T, h, w]`` patch distances from squared ones, zero outside the valid area."""
+        t, _, h, w = shape
         dist = np.sqrt(d2).reshape(t, h, w)
         return dist * self.valid if self.valid is not None else dist
 
     def score(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, float]:
         """Patch scores (NN distances, normalised with ``norm``) and the image score (max, optionally reweighted)."""
         d2, nn = self.nearest(features, norm)
-        t, _, h, w = features.shape
-        dist = np.sqrt(d2).reshape(t, h, w)
-        if self.valid is not None:
-            dist *= self.valid
+        dist = self._distances(d2, features.shape)
         patches = dist if norm is None else norm.apply(dist, self.valid)
         top = int(np.argmax(patches))
         image_score = float(patches.reshape(-1)[top])
@@ -429,7 +430,7 @@ class PatchCore(Scorer):
         tiled ball-screw bank (50k rows), the same rows for 59 of 60 test images, weights within 4e-5.
         """
         t, c, h, w = features.shape
-        query = self._queries(np.ascontiguousarray(features.reshape(t, c, h * w), np.float32), np.array([top]))
+        query = self._queries(features.reshape(t, c, h * w), np.array([top]))
         k = min(self.config.num_neighbors, self.bank.shape[0])
         if self.graph.shape[1] >= k - 1:
             support = np.concatenate([[row], self.graph[row, : k - 1]])

@@ -257,6 +257,14 @@ def partitioned_reference(x: np.ndarray, partitions: np.ndarray, k: int, seeds: 
     return np.array(selected)
 
 
+def assert_assigned_within_partitions(x: np.ndarray, partitions: np.ndarray, got: np.ndarray,
+                                      assign: np.ndarray) -> None:
+    """Each row is assigned to the nearest selected row of its own partition."""
+    d2, _ = brute_nearest(x, got)
+    d2[partitions[:, None] != partitions[got][None, :]] = np.inf
+    np.testing.assert_allclose(d2[np.arange(len(x)), assign], d2.min(1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("clusters", [0, 5, 40])
 def test_partitioned_selection_is_greedy_within_each_partition(clusters: int) -> None:
     x = gaussian_blobs(2400, 10, seed=14)
@@ -268,10 +276,7 @@ def test_partitioned_selection_is_greedy_within_each_partition(clusters: int) ->
     seeds = got[: len(parts)]
     assert sorted(partitions[seeds]) == list(parts)  # each partition is seeded first
     np.testing.assert_array_equal(got, partitioned_reference(x, partitions, 150, seeds))
-    # Each row is assigned to the nearest selected row of its own partition.
-    d2, _ = brute_nearest(x, got)
-    d2[partitions[:, None] != partitions[got][None, :]] = np.inf
-    np.testing.assert_allclose(d2[np.arange(len(x)), assign], d2.min(1), rtol=1e-5, atol=1e-5)
+    assert_assigned_within_partitions(x, partitions, got, assign)
 
 
 def test_partitioned_pruned_and_plain_loops_agree_with_projection() -> None:
@@ -305,9 +310,7 @@ def test_threads_and_rounds_do_not_change_the_selection(rounds: tuple[float, ...
     assert got.shape == (300,)
     seeds = got[:6]
     np.testing.assert_array_equal(got, partitioned_reference(x, partitions, 300, seeds))
-    d2, _ = brute_nearest(x, got)
-    d2[partitions[:, None] != partitions[got][None, :]] = np.inf
-    np.testing.assert_allclose(d2[np.arange(len(x)), assign], d2.min(1), rtol=1e-5, atol=1e-5)
+    assert_assigned_within_partitions(x, partitions, got, assign)
 
 
 def test_a_block_extended_in_steps_equals_one_extended_at_once() -> None:
