@@ -53,9 +53,16 @@ def _operators(grid: tuple[int, int], size: tuple[int, int], sigma: float) -> tu
 
 
 def source_map(work_map: np.ndarray, spec: PreprocessSpec, frame_shape: tuple[int, int] | None = None,
-               fill: float = 0.0) -> np.ndarray:
-    """A working-resolution map brought back to frame pixels (outside the ROI: ``fill``)."""
+               box: tuple[int, int, int, int] | None = None, fill: float = 0.0) -> np.ndarray:
+    """A working-resolution map brought back to frame pixels (outside the ROI: ``fill``).
+
+    ``box`` ``(y, x, h, w)`` is where the frame lies in the working image (a letterboxed frame's
+    content; ``Preprocessor.letterbox_box``); default: all of it.
+    """
     sh, sw = frame_shape or spec.source_size
+    if box is not None:
+        y, x, h, w = box
+        work_map = work_map[y : y + h, x : x + w]
     if spec.roi is None:
         return cv2.resize(work_map, (sw, sh), interpolation=cv2.INTER_LINEAR)
     x, y, rw, rh = spec.roi

@@ -86,32 +86,60 @@ class Backbone:
         """Patch embeddings ``[T, C, h, w]`` float32 (a fresh array) for one batch."""
         self._check(batch)
         with self._lock:
-            self._request.infer({0: batch}, share_inputs=True)
+            if self._request is None:
+                raise BackboneError(f"{self.xml}: the backbone is closed")
+            try:
+                self._request.infer({0: batch}, share_inputs=True)
+            except Exception as exc:  # OpenVINO's RuntimeError
+                raise BackboneError(f"backbone inference failed: {_first_line(exc)}") from None
             return self._request.get_output_tensor(0).data.copy()
 
-    def submit(self, batch: np.ndarray, userdata: Any, callback: Callable[[np.ndarray, Any, float], None]) -> None:
+    def submit(self, batch: np.ndarray, userdata: Any,
+               callback: Callable[[np.ndarray | None, Any, float], None]) -> None:
         """Start an asynchronous inference; ``callback(features, userdata, seconds)`` runs when it is done.
 
         ``seconds`` is the inference's own duration (OpenVINO's request latency), without the wait
-        for a free request.
+        for a free request. ``features`` is ``None`` when the inference failed.
 
         Blocks only while all ``streams`` requests are busy.
         """
         self._check(batch)
-        if self._queue is None:
-            self._queue = ov.AsyncInferQueue(self.compiled, max(1, self._streams))
-            self._queue.set_callback(self._done)
-        self._queue.start_async({0: batch}, (callback, userdata), share_inputs=False)
+        with self._lock:
+            if self.compiled is None:
+                raise BackboneError(f"{self.xml}: the backbone is closed")
+            if self._queue is None:
+                self._queue = ov.AsyncInferQueue(self.compiled, max(1, self._streams))
+                self._queue.set_callback(self._done)
+            queue = self._queue
+        try:
+            queue.start_async({0: batch}, (callback, userdata), share_inputs=False)
+        except Exception as exc:  # OpenVINO's RuntimeError: one frame fails, the caller reports it
+            raise BackboneError(f"backbone inference could not start: {_first_line(exc)}") from None
 
     @staticmethod
-    def _done(request: ov.InferRequest, payload: tuple[Callable[[np.ndarray, Any, float], None], Any]) -> None:
+    def _done(request: ov.InferRequest, payload: tuple[Callable[[np.ndarray | None, Any, float], None], Any]
+              ) -> None:
+        """Hand the output over; ``None`` features when the request's output cannot be read (a failed run)."""
         callback, userdata = payload
-        callback(request.get_output_tensor(0).data.copy(), userdata, request.latency / 1e3)
+        try:
+            feats, seconds = request.get_output_tensor(0).data.copy(), request.latency / 1e3
+        except Exception:
+            feats, seconds = None, 0.0
+        callback(feats, userdata, seconds)
 
     def wait(self) -> None:
         """Block until every submitted inference has called back."""
-        if self._queue is not None:
-            self._queue.wait_all()
+        queue = self._queue
+        if queue is not None:
+            queue.wait_all()
+
+    def close(self) -> None:
+        """Wait for submitted inferences, then drop the requests and the compiled model (frees its memory)."""
+        self.wait()
+        with self._lock:
+            self._queue = None
+            self._request = None
+            self.compiled = None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -44,7 +44,7 @@ from .preprocess import PreprocessSpec, plan_tiles
 from .scorers import SCORERS, Scorer, create
 
 FORMAT = "anomaly-appliance-bundle"
-FORMAT_VERSION = 2  # 2: optional per-position score normalisation (calibration/position_*.npy)
+FORMAT_VERSION = 3  # 2: optional per-position score normalisation; 3: the preprocessing's resize policy
 MANIFEST = "manifest.json"
 #: Relative difference allowed between a golden image's score now and at build time.
 GOLDEN_TOLERANCE = {"f32": 0.02, "bf16": 0.08}

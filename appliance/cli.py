@@ -2,7 +2,14 @@
 
 Every command loads models through ``bundle.load_bundle`` and reports bad input
 (unreadable images, wrong paths, tampered bundles) as one clear line naming the
-file, with exit code 2; batch commands skip bad files and list them at the end.
+file. Batch commands go on past a bad file, list it, and say so in their exit code:
+
+* 0: everything asked for was done;
+* 1: the command ran, but inputs failed: ``predict`` could not score one or more
+  inputs, ``eval`` skipped more than ``MAX_SKIPPED_SHARE`` (5 %) of the test images
+  (``fit`` refuses to write a bundle in that case and exits 2);
+* 2: the command could not do its job: bad arguments, a missing or unreadable
+  dataset or bundle, too few usable images.
 """
 
 from __future__ import annotations
@@ -28,9 +35,14 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "samples" / "ball_screw"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anomaly-appliance"
 
 
+#: Exit codes (see the module docstring).
+EXIT_INPUTS_FAILED = 1
+EXIT_ERROR = 2
+
+
 def _fail(exc: BaseException) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_ERROR)
 
 
 def _parse_size(text: str) -> tuple[int, int | None]:
@@ -105,6 +117,9 @@ def fit(
     valid_mask: Annotated[Path | None, typer.Option(help="PNG mask of the area to inspect (source size)")] = None,
     white_level: Annotated[int | None, typer.Option(help="16-bit value shown as white (e.g. 4095)")] = None,
     interpolation: Annotated[str, typer.Option(help="linear (fast) or area (anti-aliased) shrinking")] = "linear",
+    resize: Annotated[str, typer.Option(
+        help="how frames reach the working size: auto (from the training images' sizes: fixed when they share "
+             "one aspect ratio, else stretch), fixed, stretch or letterbox")] = "auto",
     setting: Annotated[list[str], typer.Option("--set", help="scorer setting key=value (repeatable)")] = [],  # noqa: B006
     abnormal: Annotated[Path | None, typer.Option(help="folder layout: folder of defect images")] = None,
     masks: Annotated[Path | None, typer.Option(help="folder layout: masks of the defect images")] = None,
@@ -143,10 +158,11 @@ def fit(
         options = FitOptions(scorer=scorer, settings=_parse_settings(setting), height=height, width=width,
                              tile=_parse_pair(tile, "tile"), overlap=overlap, roi=roi_t,
                              white_level=white_level, interpolation=interpolation,
+                             resize=None if resize == "auto" else resize,
                              valid_mask=str(valid_mask) if valid_mask else None,
                              precision=precision, threads=threads, target_false_reject_rate=target_frr,
                              position_norm=position_norm, cache_dir=str(cache_dir))
-        report = run_fit(dataset, out, options, progress)
+        report = run_fit(dataset, out, options, progress, notify=lambda line: typer.echo(line, err=True))
     except ApplianceError as exc:
         progress.close()
         _fail(exc)
@@ -156,6 +172,7 @@ def fit(
     typer.echo(f"fit      {json.dumps(m['training']['fit'])}")
     typer.echo(f"calib    {report.engine.calibration.describe()}")
     typer.echo(f"norm     {m['training']['position_norm']}")
+    typer.echo(f"resize   {report.geometry}")
     typer.echo(f"time     {report.seconds['total']:.1f} s   peak RSS {report.peak_rss_mb:.0f} MB")
     for path, reason in report.skipped:
         typer.secho(f"skipped  {path}: {reason}", fg=typer.colors.YELLOW, err=True)
@@ -232,9 +249,14 @@ def predict(
                 records.append(error_record(pred.frame.source, f"overlay not written: {exc}"))
         records.append(prediction_record(pred.frame.source, pred, overlay=overlay_path))
     _emit(records, fmt, output, format_lines, write_json, write_csv)
-    if any(r.get("verdict") == "error" for r in records):
-        n = sum(r.get("verdict") == "error" for r in records)
-        typer.secho(f"{n} file(s) could not be scored (see 'error' rows)", fg=typer.colors.YELLOW, err=True)
+    failed_inputs = sum(r.get("verdict") == "error" for r in records)
+    if failed_inputs:
+        typer.secho(f"error: {failed_inputs} of {len(records)} input(s) could not be scored (see the 'error' rows)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_INPUTS_FAILED)
+    if not records:
+        typer.secho("error: no image files found in the given paths", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_INPUTS_FAILED)
 
 
 def _emit(records, fmt, output, format_lines, write_json, write_csv) -> None:  # noqa: ANN001
@@ -266,6 +288,7 @@ def evaluate_cmd(
     from .bundle import load_bundle
     from .datasets import load_dataset
     from .evaluation import evaluate
+    from .training import check_skipped
 
     progress = _Progress(quiet)
     try:
@@ -286,6 +309,12 @@ def evaluate_cmd(
         json_out.write_text(json.dumps({"model_id": engine.model_id, "dataset": str(data),
                                         "summary": result.summary, "images": result.records,
                                         "skipped": result.skipped}, indent=2) + "\n")
+    try:
+        check_skipped(result.skipped, len(dataset.test), "test images (or their masks)")
+    except ApplianceError as exc:
+        typer.secho(f"error: {exc}; the figures above do not describe the whole test split", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(EXIT_INPUTS_FAILED) from None
 
 
 @bundle_app.command("verify")
@@ -348,7 +377,7 @@ def demo(
 
     typer.echo(f"[1/3] fitting {scorer} on {data}", err=True)
     fit(data=data, out=out / "bundle", scorer=scorer, size="256", tile=None, overlap=32, roi=None, valid_mask=None,
-        white_level=None, interpolation="linear", setting=[], abnormal=None, masks=None, unknown=None,
+        white_level=None, interpolation="linear", resize="auto", setting=[], abnormal=None, masks=None, unknown=None,
         calibration_fraction=0.15, target_frr=0.01, position_norm=True, precision="f32", threads=None,
         cache_dir=out / "cache", quiet=True)
     try:
@@ -367,3 +396,13 @@ def demo(
 def version() -> None:
     """Print the appliance version."""
     typer.echo(__version__)
+
+
+def _register_daemon() -> None:
+    """The daemon's commands (run, config, status, reload, threshold, trigger, doctor, audit)."""
+    from .daemon.cli import register
+
+    register(app)
+
+
+_register_daemon()

@@ -23,7 +23,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -420,24 +419,26 @@ def load_folder(
 # --- layout detection ---------------------------------------------------------------------------------------------
 
 
-def load_dataset(path: str | Path, **kw: Any) -> Dataset:
+def load_dataset(path: str | Path, *, calibration_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """Load ``path`` in whichever layout it has.
 
     An MVTec category (has ``train/``) goes to ``load_mvtec``; a dataset root holding exactly one
-    such category is accepted too; a flat folder of images goes to ``load_folder`` as good images.
-    Keyword arguments are passed to the chosen loader.
+    such category is accepted too; a flat folder of good images goes to ``load_folder``, which
+    holds ``calibration_fraction`` of them out for calibration and keeps no test split (a folder
+    of good images has nothing to evaluate on).
     """
     path = Path(path)
     if not path.is_dir():
         what = "is a file" if path.exists() else "does not exist"
         raise DatasetError(f"{path}: {what}; expected an MVTec category folder or a folder of good images")
     if (path / "train").is_dir():
-        return load_mvtec(path, **kw)
+        return load_mvtec(path, calibration_fraction=calibration_fraction, seed=seed)
     if list_images(path):
-        return load_folder(path, **kw)
+        _check_fraction("calibration_fraction", calibration_fraction, allow_one=False)
+        return load_folder(path, split=(1.0 - calibration_fraction, calibration_fraction, 0.0), seed=seed)
     categories = [p for p in _subfolders(path) if (p / "train").is_dir()]
     if len(categories) == 1:
-        return load_mvtec(categories[0], **kw)
+        return load_mvtec(categories[0], calibration_fraction=calibration_fraction, seed=seed)
     if categories:
         names = ", ".join(p.name for p in categories)
         raise DatasetError(f"{path}: holds several categories ({names}); pass one of them, e.g. {categories[0]}")

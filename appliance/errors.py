@@ -41,3 +41,15 @@ class BackboneError(ApplianceError):
 
 class ScorerError(ApplianceError):
     """A scorer is used before it is fitted, or fed features of the wrong shape."""
+
+
+class SourceError(ApplianceError):
+    """A camera, folder or stream cannot be opened or has gone away (retried with backoff)."""
+
+
+class PublishError(ApplianceError):
+    """An output could not deliver a result (it is counted, audited and, for durable outputs, retried)."""
+
+
+class AuditError(ApplianceError):
+    """The audit database cannot be opened or written (a full disk, a read-only folder)."""

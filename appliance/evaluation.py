@@ -17,7 +17,7 @@ from .errors import ApplianceError
 from .imaging import read_image
 from .metrics import PixelMetrics, format_table, summarise
 from .training import StageProgress
-from .types import Frame
+from .types import Frame, Score
 
 
 @dataclass
@@ -35,8 +35,9 @@ class EvalResult:
 
 
 def score_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple[str, str]],
-                  progress: StageProgress | None = None, stage: str = "score") -> Iterator[tuple[Sample, object]]:
-    """``(sample, Score)`` for each readable sample, pipelined; unreadable ones go to ``skipped``."""
+                  progress: StageProgress | None = None, stage: str = "score"
+                  ) -> Iterator[tuple[Sample, tuple[int, int], Score]]:
+    """``(sample, its image's (H, W), score)`` per readable sample, pipelined; unreadable ones go to ``skipped``."""
     by_key: dict[int, Sample] = {}
 
     def frames() -> Iterator[Frame]:
@@ -55,7 +56,7 @@ def score_samples(engine: Engine, samples: Sequence[Sample], skipped: list[tuple
     for n, (frame, score, _) in enumerate(engine.score_stream(frames(), on_error=failed), 1):
         if progress:
             progress(stage, n, len(samples))
-        yield by_key.pop(frame.seq), score
+        yield by_key.pop(frame.seq), frame.image.shape[:2], score
 
 
 def evaluate(engine: Engine, samples: Sequence[Sample], *, pixel: bool = True,
@@ -65,13 +66,12 @@ def evaluate(engine: Engine, samples: Sequence[Sample], *, pixel: bool = True,
     skipped: list[tuple[str, str]] = []
     records: list[dict] = []
     pixel_by_type: dict[str, PixelMetrics] = {}
-    for sample, score in score_samples(engine, samples, skipped, progress, "evaluate"):
+    for sample, shape, score in score_samples(engine, samples, skipped, progress, "evaluate"):
         normalised = engine.calibration.normalise(score.image_score)
         records.append({"path": str(sample.path), "label": sample.label, "defect_type": sample.defect_type,
                         "raw_score": score.image_score, "score": normalised})
         if not pixel or sample.label == "unknown":
             continue
-        shape = engine.spec.source_size
         try:
             mask = sample.read_mask(shape)
         except ApplianceError as exc:
@@ -79,7 +79,7 @@ def evaluate(engine: Engine, samples: Sequence[Sample], *, pixel: bool = True,
             continue
         if mask is None:
             continue
-        amap = engine.anomaly_map(score, normalised=False)
+        amap = engine.anomaly_map(score, normalised=False, frame_shape=shape)
         pixel_by_type.setdefault(sample.defect_type, PixelMetrics()).add(amap, mask)
     summary = summarise(records, pixel_by_type or None, 0.5)
     return EvalResult(records, summary, skipped, time.perf_counter() - t0)

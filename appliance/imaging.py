@@ -11,8 +11,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from .errors import ImageError
+
+# PIL only reads headers here (OpenCV decodes); line-scan cameras give frames far above its bomb limit.
+Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 
@@ -60,6 +64,23 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB or grey pixels (uint8 or uint16), or raise ``ImageError``."""
     path = Path(path)
     return decode_image(_read_bytes(path), path)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header alone (no decoding), or ``ImageError``."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(path, "is empty (0 bytes)")
+        with Image.open(path) as image:
+            width, height = image.size
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(path, "no such file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(path, f"is not a readable image ({exc})") from None
+    return height, width
 
 
 def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:

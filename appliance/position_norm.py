@@ -47,32 +47,51 @@ class PositionNorm:
             raise ConfigError("position norm: mean must be finite and scale finite and > 0")
 
     @classmethod
-    def fit(cls, maps: np.ndarray, valid: np.ndarray | None = None) -> PositionNorm:
-        """Statistics of ``[N, T, h, w]`` patch-score maps of good images."""
+    def fit(cls, maps: np.ndarray, valid: np.ndarray | None = None, shown: np.ndarray | None = None
+            ) -> PositionNorm:
+        """Statistics of ``[N, T, h, w]`` patch-score maps of good images.
+
+        ``shown`` (``[N, T, h, w]`` bool) marks, per image, the positions that show it (letterboxed
+        frames do not fill the grid); each position's statistics come from the images it shows.
+        """
         maps = np.asarray(maps, np.float64)
         if maps.ndim != 4 or maps.shape[0] < MIN_IMAGES:
             raise ConfigError(f"position norm needs at least {MIN_IMAGES} good maps [N, T, h, w], got {maps.shape}")
-        n = maps.shape[0]
-        return cls._from_sums(maps.sum(0), (maps * maps).sum(0), n, valid)
+        w = np.ones(maps.shape, np.float64) if shown is None else np.asarray(shown, np.float64)
+        return cls._from_sums((w * maps).sum(0), (w * maps * maps).sum(0), w.sum(0), maps.shape[0], valid)
 
     @classmethod
-    def _from_sums(cls, s1: np.ndarray, s2: np.ndarray, n: int, valid: np.ndarray | None) -> PositionNorm:
-        mean = s1 / n
-        var = np.maximum(s2 - n * mean * mean, 0.0) / (n - 1)
+    def _from_sums(cls, s1: np.ndarray, s2: np.ndarray, counts: np.ndarray, n: int, valid: np.ndarray | None
+                   ) -> PositionNorm:
+        """Mean and floored spread per position.
+
+        Positions seen by fewer than ``MIN_IMAGES`` images take the median mean and spread of the
+        others (they are mostly padding, never the image's maximum alone).
+        """
+        enough = counts >= MIN_IMAGES
+        c = np.maximum(counts, 1)
+        mean = s1 / c
+        var = np.maximum(s2 - c * mean * mean, 0.0) / np.maximum(c - 1, 1)
         std = np.sqrt(var)
-        inside = std if valid is None else std[np.asarray(valid, bool).reshape(std.shape)]
-        floor = max(SPREAD_FLOOR * float(np.median(inside)) if inside.size else 0.0, 1e-6)
+        inside = enough if valid is None else enough & np.asarray(valid, bool).reshape(std.shape)
+        floor = max(SPREAD_FLOOR * float(np.median(std[inside])) if inside.any() else 0.0, 1e-6)
+        if not enough.all() and enough.any():
+            mean = np.where(enough, mean, float(np.median(mean[enough])))
+            std = np.where(enough, std, float(np.median(std[enough])))
         return cls(mean.astype(np.float32), np.maximum(std, floor).astype(np.float32), n)
 
     @classmethod
-    def leave_one_out(cls, maps: np.ndarray, valid: np.ndarray | None = None) -> list[PositionNorm]:
+    def leave_one_out(cls, maps: np.ndarray, valid: np.ndarray | None = None, shown: np.ndarray | None = None
+                      ) -> list[PositionNorm]:
         """For each map, the statistics of all the others: its score then is what an unseen image gets."""
         maps = np.asarray(maps, np.float64)
         n = maps.shape[0]
         if n - 1 < MIN_IMAGES:
             raise ConfigError(f"leave-one-out position norms need at least {MIN_IMAGES + 1} maps, got {n}")
-        s1, s2 = maps.sum(0), (maps * maps).sum(0)
-        return [cls._from_sums(s1 - m, s2 - m * m, n - 1, valid) for m in maps]
+        w = np.ones(maps.shape, np.float64) if shown is None else np.asarray(shown, np.float64)
+        s1, s2, cnt = (w * maps).sum(0), (w * maps * maps).sum(0), w.sum(0)
+        return [cls._from_sums(s1 - wi * m, s2 - wi * m * m, cnt - wi, n - 1, valid)
+                for m, wi in zip(maps, w, strict=True)]
 
     def apply(self, patches: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Normalised patch scores; outside ``valid``, the image's lowest valid value (never the maximum)."""

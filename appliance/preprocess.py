@@ -5,9 +5,22 @@ described by a ``PreprocessSpec`` stored in the bundle: a mismatch between the
 two is the most common production bug with exported models, so there is only
 one implementation.
 
-Geometry: the frame is cropped to the ROI, resized (keeping its aspect ratio, to
-a working size whose sides are multiples of 16) and, optionally, cut into
-overlapping tiles of one fixed size, which go through the backbone as one batch.
+Geometry: the frame is cropped to the ROI, resized to a working size whose sides
+are multiples of 16 and, optionally, cut into overlapping tiles of one fixed size,
+which go through the backbone as one batch. How a frame reaches the working size
+is the spec's resize policy:
+
+* ``fixed``: every frame has the fitted aspect ratio (a fixed camera); others are
+  refused, because the position-dependent parts of a model (PaDiM's per-position
+  Gaussians, the position norm, PatchCore's positional shortlists) assume that a
+  patch position shows the same place of the part in every frame;
+* ``stretch``: any frame is resized to the working size, its aspect ratio not kept
+  (what anomalib does); a position then shows the same *relative* place of the
+  frame, which suits crops of one part whose extent varies;
+* ``letterbox``: the frame is scaled to fit inside the working size with its
+  aspect ratio kept and centred; the rest is padding (mirrored content, so that
+  patches at the content's edge see natural surroundings), outside the frame's
+  valid area: it is never scored.
 Tile origins are multiples of the feature stride, so each tile's patch grid is a
 window of one global patch grid; the tile maps are blended back with weights
 that fade towards inner tile edges, where zero padding distorts features.
@@ -32,6 +45,10 @@ MULTIPLE = 16
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 #: Relative aspect-ratio difference tolerated between a frame and the fitted geometry.
 ASPECT_TOLERANCE = 0.02
+#: How a frame reaches the working size (see the module docstring).
+RESIZE_POLICIES = ("fixed", "stretch", "letterbox")
+#: Letterbox padding: mirrored content (no artificial edge at the frame's border).
+_PAD_BORDER = cv2.BORDER_REFLECT_101
 
 
 def round_to(value: float, multiple: int = MULTIPLE) -> int:
@@ -52,6 +69,8 @@ class PreprocessSpec:
         white_level: 16-bit value mapped to 255 (``None``: 65535).
         interpolation: ``area`` (anti-aliased, best for small defects when shrinking a lot)
             or ``linear`` (about 1 ms less per 1-megapixel frame).
+        resize: ``fixed``, ``stretch`` or ``letterbox`` (see the module docstring). With
+            ``stretch`` and ``letterbox``, ``source_size`` is the typical (median) frame size.
 
     """
 
@@ -62,6 +81,7 @@ class PreprocessSpec:
     roi: tuple[int, int, int, int] | None = None
     white_level: int | None = None
     interpolation: str = "linear"
+    resize: str = "fixed"
 
     def __post_init__(self) -> None:
         check_spec(self)
@@ -90,6 +110,7 @@ class PreprocessSpec:
         roi: tuple[int, int, int, int] | None = None,
         white_level: int | None = None,
         interpolation: str = "linear",
+        resize: str = "fixed",
     ) -> PreprocessSpec:
         """A spec whose working width keeps the (ROI's) aspect ratio unless ``width`` is given.
 
@@ -100,7 +121,7 @@ class PreprocessSpec:
         h = round_to(height) if height is not None else max(MULTIPLE, rh // MULTIPLE * MULTIPLE)
         w = round_to(width) if width else round_to(h * rw / rh)
         return cls(tuple(source_size), (h, w), tile and tuple(tile), overlap, roi and tuple(roi), white_level,
-                   interpolation)
+                   interpolation, resize)
 
 
 def check_spec(spec: PreprocessSpec) -> None:
@@ -126,6 +147,11 @@ def check_spec(spec: PreprocessSpec) -> None:
     if spec.interpolation not in INTERPOLATIONS:
         raise ConfigError(f"preprocess.interpolation must be one of {sorted(INTERPOLATIONS)}, got "
                           f"{spec.interpolation!r}")
+    if spec.resize not in RESIZE_POLICIES:
+        raise ConfigError(f"preprocess.resize must be one of {RESIZE_POLICIES}, got {spec.resize!r}")
+    if spec.roi is not None and spec.resize != "fixed":
+        raise ConfigError(f"preprocess.roi needs resize 'fixed' (an ROI in pixels means nothing on frames of "
+                          f"varying size), got resize {spec.resize!r}")
     if spec.white_level is not None and not 1 <= spec.white_level <= 65535:
         raise ConfigError(f"preprocess.white_level must be in [1, 65535], got {spec.white_level}")
 
@@ -197,7 +223,10 @@ def plan_tiles(spec: PreprocessSpec) -> TilePlan:
 
 
 class Preprocessor:
-    """Applies a ``PreprocessSpec``: frame pixels -> uint8 NHWC tile batch, tile scores -> patch map."""
+    """Applies a ``PreprocessSpec``: frame pixels -> uint8 NHWC tile batch, tile scores -> patch map.
+
+    Stateless after construction, so one preprocessor may serve several threads at once.
+    """
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
@@ -205,7 +234,6 @@ class Preprocessor:
         sh, sw = spec.source_size
         rh, rw = (spec.roi[3], spec.roi[2]) if spec.roi else (sh, sw)
         self._aspect = rw / rh
-        self._batch = np.empty((self.plan.count, *self.plan.tile, 3), np.uint8) if spec.tile else None
 
     def region(self, image: np.ndarray) -> np.ndarray:
         """The ROI of a frame, after checking the frame's geometry against the spec."""
@@ -216,33 +244,64 @@ class Preprocessor:
             if x + rw > w or y + rh > h:
                 raise ImageError(None, f"frame is {w}x{h}, too small for the ROI {spec.roi} (x, y, w, h)")
             return image[y : y + rh, x : x + rw]
-        if abs(w / h - self._aspect) > ASPECT_TOLERANCE * self._aspect:
+        if spec.resize == "fixed" and abs(w / h - self._aspect) > ASPECT_TOLERANCE * self._aspect:
             sh, sw = spec.source_size
             raise ImageError(
-                None, f"frame is {w}x{h} but the model was fitted on {sw}x{sh} frames (aspect ratio differs)"
+                None, f"frame is {w}x{h} but the model was fitted on {sw}x{sh} frames (aspect ratio differs; "
+                "a model fitted with resize 'stretch' or 'letterbox' takes frames of any size)"
             )
         return image
 
+    def letterbox_box(self, frame_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+        """``(y, x, h, w)`` of a frame's content inside the working image (the whole of it unless letterboxed)."""
+        H, W = self.spec.size  # noqa: N806 - working size, as in the spec
+        if self.spec.resize != "letterbox":
+            return 0, 0, H, W
+        fh, fw = frame_shape
+        scale = min(H / fh, W / fw)
+        h, w = min(H, max(1, round(fh * scale))), min(W, max(1, round(fw * scale)))
+        return (H - h) // 2, (W - w) // 2, h, w
+
     def working_image(self, image: np.ndarray) -> np.ndarray:
-        """ROI crop, 8-bit RGB, resized to the working size: ``[H, W, 3]`` uint8."""
+        """ROI crop, 8-bit RGB, brought to the working size by the spec's resize policy: ``[H, W, 3]`` uint8."""
         region = to_rgb8(self.region(image), self.spec.white_level)
-        h, w = self.spec.size
+        H, W = self.spec.size  # noqa: N806
+        y, x, h, w = self.letterbox_box(region.shape[:2])
         rh, rw = region.shape[:2]
         interp = INTERPOLATIONS[self.spec.interpolation] if rh > h or rw > w else cv2.INTER_LINEAR
-        return cv2.resize(region, (w, h), interpolation=interp)
+        work = cv2.resize(region, (w, h), interpolation=interp)
+        if (h, w) != (H, W):
+            work = cv2.copyMakeBorder(work, y, H - h - y, x, W - w - x, _PAD_BORDER)
+        return work
 
     def tiles(self, image: np.ndarray) -> np.ndarray:
-        """The backbone batch ``[T, th, tw, 3]`` uint8 for one frame.
-
-        The returned array is reused by the next call when tiling; copy it to keep it.
-        """
+        """The backbone batch ``[T, th, tw, 3]`` uint8 for one frame (a new array: callers may keep it)."""
         work = self.working_image(image)
-        if self._batch is None:
+        if self.plan.count == 1:
             return work[None]
         th, tw = self.plan.tile
-        for t, (y, x) in enumerate(self.plan.origins):
-            self._batch[t] = work[y : y + th, x : x + tw]
-        return self._batch
+        return np.stack([work[y : y + th, x : x + tw] for y, x in self.plan.origins])
+
+    def frame_valid(self, frame_shape: tuple[int, int]) -> np.ndarray | None:
+        """Per-tile bool ``[T, th/8, tw/8]`` of the patches that show a frame of this shape, ``None``: all do.
+
+        Only letterboxing leaves patches outside the frame (its padding); a patch counts as
+        inside when at least half of it is.
+        """
+        if self.spec.resize != "letterbox":
+            return None
+        y, x, h, w = self.letterbox_box(frame_shape)
+        inside = np.zeros(self.spec.size, np.float32)
+        inside[y : y + h, x : x + w] = 1.0
+        return self._per_tile(inside)
+
+    def _per_tile(self, area: np.ndarray) -> np.ndarray:
+        """A 0/1 area over the working image (at any resolution) as per-tile patch flags (at least half inside)."""
+        gh, gw = self.plan.grid
+        grid = cv2.resize(area, (gw, gh), interpolation=cv2.INTER_AREA) >= 0.5
+        ph, pw = self.plan.tile[0] // STRIDE, self.plan.tile[1] // STRIDE
+        return np.stack([grid[y // STRIDE : y // STRIDE + ph, x // STRIDE : x // STRIDE + pw]
+                         for y, x in self.plan.origins])
 
     def stitch(self, tile_scores: np.ndarray) -> np.ndarray:
         """Blend per-tile patch scores ``[T, th/8, tw/8]`` into one ``[H/8, W/8]`` map."""
@@ -260,12 +319,9 @@ class Preprocessor:
         if valid_mask is None:
             return None
         spec = self.spec
+        if spec.resize != "fixed":
+            raise ConfigError(f"a valid-area mask needs resize 'fixed' (frames of one geometry), not {spec.resize!r}")
         if valid_mask.shape != tuple(spec.source_size):
             raise ImageError(None, f"valid-area mask is {valid_mask.shape[::-1]} (WxH) but frames are "
                              f"{spec.source_size[::-1]}")
-        region = self.region(valid_mask.astype(np.float32))
-        gh, gw = self.plan.grid
-        grid = cv2.resize(region, (gw, gh), interpolation=cv2.INTER_AREA) >= 0.5
-        ph, pw = self.plan.tile[0] // STRIDE, self.plan.tile[1] // STRIDE
-        return np.stack([grid[y // STRIDE : y // STRIDE + ph, x // STRIDE : x // STRIDE + pw]
-                         for y, x in self.plan.origins])
+        return self._per_tile(self.region(valid_mask.astype(np.float32)))

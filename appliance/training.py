@@ -1,9 +1,11 @@
 """Fitting a model: dataset -> features -> scorer -> calibration -> golden images -> bundle.
 
-Feature extraction is pipelined (a reader thread decodes and preprocesses while
-the backbone runs two asynchronous requests) and streamed into the scorer, so
-memory is bounded by the scorer's own needs. Unreadable training images are
-skipped and reported, never fatal unless nothing usable is left. The bundle is
+The training images' sizes are read first and decide the resize policy
+(``geometry.choose``). Feature extraction is pipelined (a reader thread decodes and
+preprocesses while the backbone runs two asynchronous requests) and streamed into
+the scorer, so memory is bounded by the scorer's own needs. Unreadable training
+images are skipped and reported; more than ``MAX_SKIPPED_SHARE`` of them is an
+error, so a fit never succeeds on a fraction of its data unnoticed. The bundle is
 written, then loaded back through ``load_bundle`` (the one loading path), so a
 fit that returns has produced a bundle that verifies and passes its golden check.
 """
@@ -27,14 +29,17 @@ from .bundle import Golden, load_bundle, write_bundle
 from .calibration import calibrate
 from .datasets import Dataset, Sample
 from .engine import Engine
-from .errors import ApplianceError, ConfigError, DatasetError
+from .errors import ApplianceError, BackboneError, ConfigError, DatasetError
+from .geometry import choose as choose_geometry
 from .imaging import read_image, read_mask
 from .position_norm import MIN_IMAGES, PositionNorm
-from .preprocess import Preprocessor, PreprocessSpec, plan_tiles
+from .preprocess import Preprocessor, PreprocessSpec, plan_tiles, round_to
 from .scorers import SCORERS, Scorer, create
 
 #: Called with (stage, done, total).
 StageProgress = Callable[[str, int, int], None]
+#: Largest share of training (or test) images that may be skipped as unreadable before a command fails.
+MAX_SKIPPED_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class FitOptions:
         roi: ``(x, y, w, h)`` crop in source pixels.
         white_level: 16-bit value that maps to white.
         interpolation: ``area`` or ``linear`` resampling when shrinking frames.
+        resize: ``fixed``, ``stretch``, ``letterbox``, or ``None`` to choose from the training
+            images' sizes (``geometry.choose``).
         valid_mask: path of a source-size mask of the area to inspect (non-zero = inspect).
         precision: backbone precision, ``f32`` or ``bf16``.
         threads: CPU threads (``None``: all).
@@ -75,6 +82,7 @@ class FitOptions:
     roi: tuple[int, int, int, int] | None = None
     white_level: int | None = None
     interpolation: str = "linear"
+    resize: str | None = None
     valid_mask: str | None = None
     precision: str = "f32"
     threads: int | None = None
@@ -88,10 +96,11 @@ class FitOptions:
 
 @dataclass
 class FitReport:
-    """What a fit did: the bundle, its engine, what was skipped and how long each stage took."""
+    """What a fit did: the bundle, its engine, its geometry, what was skipped and how long each stage took."""
 
     bundle: Path
     engine: Engine
+    geometry: str
     skipped: list[tuple[str, str]]
     seconds: dict[str, float]
     peak_rss_mb: float
@@ -102,15 +111,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _first_readable(samples: Sequence[Sample]) -> np.ndarray:
-    """The first training image that can be read (it fixes the source geometry); bad ones are reported later."""
-    reasons = []
-    for s in samples:
-        try:
-            return read_image(s.path)
-        except ApplianceError as exc:
-            reasons.append(str(exc))
-    raise DatasetError("no readable training image: " + "; ".join(reasons[:3]))
+def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 3) -> str:
+    """The reasons images were skipped, most common first, with counts and an example file each."""
+    groups: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        groups.setdefault(reason.removeprefix(f"{path}: "), []).append(path)
+    ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    parts = [f"{len(paths)} x {reason} (e.g. {paths[0]})" for reason, paths in ranked[:limit]]
+    if len(ranked) > limit:
+        parts.append(f"{sum(len(p) for _, p in ranked[limit:])} more with other reasons")
+    return "; ".join(parts)
+
+
+def check_skipped(skipped: Sequence[tuple[str, str]], total: int, what: str) -> None:
+    """Raise ``DatasetError`` when more than ``MAX_SKIPPED_SHARE`` of ``total`` images were skipped."""
+    if total and len(skipped) > MAX_SKIPPED_SHARE * total:
+        raise DatasetError(f"{len(skipped)} of {total} {what} could not be used (more than "
+                           f"{MAX_SKIPPED_SHARE:.0%}): {describe_skipped(skipped)}")
 
 
 def in_order(items: Iterator[tuple[int, object]]) -> Iterator[object]:
@@ -128,8 +145,8 @@ def in_order(items: Iterator[tuple[int, object]]) -> Iterator[object]:
 
 def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Backbone,
                     skipped: list[tuple[str, str]], progress: StageProgress | None, stage: str = "features"
-                    ) -> Iterator[tuple[Sample, np.ndarray]]:
-    """``(sample, backbone features)`` for each readable sample, in sample order; bad ones go to ``skipped``.
+                    ) -> Iterator[tuple[Sample, np.ndarray, tuple[int, int]]]:
+    """``(sample, backbone features, frame shape)`` per readable sample, in sample order; bad ones go to ``skipped``.
 
     Images are decoded ahead on a reader thread and the backbone runs asynchronous requests,
     which may finish out of order: results are put back in submission order, so the same
@@ -147,12 +164,14 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
                 if stop.is_set():
                     return
                 try:
-                    batch = pre.tiles(read_image(s.path))
+                    image = read_image(s.path)
+                    batch = pre.tiles(image)
                 except ApplianceError as exc:
                     skipped.append((str(s.path), str(exc)))
                     continue
                 slots.acquire()
-                backbone.submit(batch, (submitted, s), lambda feats, ud, _seconds: results.put((ud[0], (ud[1], feats))))
+                userdata = (submitted, s, image.shape[:2])
+                backbone.submit(batch, userdata, lambda feats, ud, _s: results.put((ud[0], (ud[1], feats, ud[2]))))
                 submitted += 1
             backbone.wait()
             results.put(None)
@@ -162,18 +181,20 @@ def _feature_stream(samples: Sequence[Sample], pre: Preprocessor, backbone: Back
     thread = threading.Thread(target=reader, name=f"{stage}-reader", daemon=True)
     thread.start()
 
-    def arrivals() -> Iterator[tuple[int, tuple[Sample, np.ndarray]]]:
+    def arrivals() -> Iterator[tuple[int, tuple[Sample, np.ndarray, tuple[int, int]]]]:
         while (item := results.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
+            if item[1][1] is None:
+                raise BackboneError(f"{item[1][0].path}: backbone inference failed")
             yield item
 
     try:
-        for done, pair in enumerate(in_order(arrivals()), 1):
+        for done, triple in enumerate(in_order(arrivals()), 1):
             slots.release()
             if progress:
                 progress(stage, done + len(skipped) - skipped_before, len(samples))
-            yield pair
+            yield triple
     finally:
         stop.set()
         for _ in range(4):
@@ -184,16 +205,20 @@ def _load_valid_mask(path: str | None, source_size: tuple[int, int]) -> np.ndarr
     return None if path is None else read_mask(path, source_size)
 
 
-def _position_norm(scorer: Scorer, goods: list[np.ndarray], valid: np.ndarray | None
+def _position_norm(scorer: Scorer, goods: list[tuple[np.ndarray, np.ndarray | None]], valid: np.ndarray | None
                    ) -> tuple[PositionNorm, list[float]]:
     """The position norm of the good held-out images, and each one's score as an unseen image would get it.
 
-    Each good image is scored with the statistics of the *other* good images (leave-one-out);
-    scoring it with statistics it took part in would set the threshold too low.
+    ``goods`` holds each image's features and the patches that show it (``None``: all). Each good
+    image is scored with the statistics of the *other* good images (leave-one-out); scoring it with
+    statistics it took part in would set the threshold too low.
     """
-    raw = np.stack([scorer.patch_scores(f) for f in goods])
-    scores = [scorer.score(f, norm)[1] for f, norm in zip(goods, PositionNorm.leave_one_out(raw, valid), strict=True)]
-    return PositionNorm.fit(raw, valid), scores
+    raw = np.stack([scorer.patch_scores(f, shows) for f, shows in goods])
+    shown = None if all(s is None for _, s in goods) else np.stack(
+        [np.ones(raw.shape[1:], bool) if s is None else s for _, s in goods])
+    norms = PositionNorm.leave_one_out(raw, valid, shown)
+    scores = [scorer.score(f, norm, shows)[1] for (f, shows), norm in zip(goods, norms, strict=True)]
+    return PositionNorm.fit(raw, valid, shown), scores
 
 
 def _describe_norm(norm: PositionNorm | None, n_good: int, options: FitOptions) -> str:
@@ -206,19 +231,29 @@ def _describe_norm(norm: PositionNorm | None, n_good: int, options: FitOptions) 
 
 
 def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageProgress | None = None,
-        key: bytes | None = None) -> FitReport:
-    """Fit a model on ``dataset.train``, calibrate it on ``dataset.calibration``, write a verified bundle."""
+        key: bytes | None = None, notify: Callable[[str], None] | None = None) -> FitReport:
+    """Fit a model on ``dataset.train``, calibrate it on ``dataset.calibration``, write a verified bundle.
+
+    ``notify`` receives one-line decisions as they are made (the resize policy and why), before the long work.
+    """
     t_start = time.perf_counter()
     runtime.configure(options.threads)
     if not dataset.train:
         raise DatasetError(f"{dataset.root}: no training images")
-    skipped: list[tuple[str, str]] = []
-    first = _first_readable(dataset.train)
-    source_size = first.shape[:2]
-    spec = PreprocessSpec.for_source(source_size, options.height, options.width, options.tile, options.overlap,
-                                     options.roi, options.white_level, options.interpolation)
+    geometry = choose_geometry([s.path for s in dataset.train], options.resize, options.roi)
+    if notify:
+        notify(f"resize   {geometry.reason}")
+    skipped: list[tuple[str, str]] = list(geometry.unreadable)
+    check_skipped(skipped, len(dataset.train), "training images")
+    source_size = geometry.source_size
+    width = options.width
+    if width is None and geometry.resize != "fixed" and options.height is not None:
+        width = round_to(options.height * geometry.aspect)
+    spec = PreprocessSpec.for_source(source_size, options.height, width, options.tile, options.overlap,
+                                     options.roi, options.white_level, options.interpolation, geometry.resize)
     pre = Preprocessor(spec)
     valid_mask = _load_valid_mask(options.valid_mask, source_size)
+    readable = [s for s in dataset.train if str(s.path) not in {p for p, _ in geometry.unreadable}]
     plan = plan_tiles(spec)
     if options.scorer not in SCORERS:
         raise ConfigError(f"unknown scorer type {options.scorer!r}; available: {sorted(SCORERS)}")
@@ -232,16 +267,22 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
                         streams=2, cache_dir=cache)
     scorer = create(options.scorer, options.settings)
 
-    stream = _feature_stream(dataset.train, pre, backbone, skipped, progress)
-    fit_stats = scorer.fit((f for _, f in stream), len(dataset.train), pre.valid_patches(valid_mask))
+    stream = _feature_stream(readable, pre, backbone, skipped, progress)
+    fit_stats = scorer.fit((f for _, f, _ in stream), len(readable), pre.valid_patches(valid_mask))
     t_fit = time.perf_counter()
     n_train = len(dataset.train) - len(skipped)  # so far only training images were skipped
     if n_train < 1:
-        raise DatasetError(f"{dataset.root}: none of the {len(dataset.train)} training images could be used")
+        raise DatasetError(f"{dataset.root}: none of the {len(dataset.train)} training images could be used: "
+                           f"{describe_skipped(skipped)}")
+    check_skipped(skipped, len(dataset.train), "training images")
 
     calib = [s for s in dataset.calibration if s.label in ("good", "defect")]
-    held_out = list(_feature_stream(calib, pre, backbone, skipped, progress, "calibrate"))
-    goods = [f for s, f in held_out if s.label == "good"]
+    skipped_calib: list[tuple[str, str]] = []
+    held_out = [(s, f, pre.frame_valid(shape))
+                for s, f, shape in _feature_stream(calib, pre, backbone, skipped_calib, progress, "calibrate")]
+    check_skipped(skipped_calib, len(calib), "held-out calibration images")
+    skipped += skipped_calib
+    goods = [(f, shows) for s, f, shows in held_out if s.label == "good"]
     if len(goods) < 2:
         raise DatasetError(
             f"{dataset.root}: calibration needs at least 2 readable held-out good images, got {len(goods)}; "
@@ -249,7 +290,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     position_norm = good = None
     if options.position_norm and len(goods) >= max(options.position_norm_min_images, MIN_IMAGES + 1):
         position_norm, good = _position_norm(scorer, goods, pre.valid_patches(valid_mask))
-    records = [(scorer.score(f, position_norm)[1], s) for s, f in held_out]  # as the bundle will score them
+    records = [(scorer.score(f, position_norm, shows)[1], s) for s, f, shows in held_out]  # as the bundle will
     if good is None:
         good = [score for score, s in records if s.label == "good"]
     defect = [score for score, s in records if s.label == "defect"]
@@ -260,6 +301,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     golden = _golden(records, options.golden)
     training = {
         "dataset": dataset.name, "root": str(dataset.root), "options": _options_record(options),
+        "resize": {"policy": geometry.resize, "reason": geometry.reason},
         "images": {"train": n_train, "calibration_good": len(good), "calibration_defect": len(defect)},
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "fit": fit_stats, "calibration": calibration.describe(),
@@ -273,7 +315,8 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     del backbone
     loaded = load_bundle(bundle, threads=options.threads, cache_dir=options.cache_dir, key=key)
     seconds = {**training["seconds"], "total": round(time.perf_counter() - t_start, 2)}
-    return FitReport(bundle, loaded, skipped, seconds, _peak_rss_mb(), {"good": good, "defect": defect})
+    return FitReport(bundle, loaded, geometry.reason, skipped, seconds, _peak_rss_mb(),
+                     {"good": good, "defect": defect})
 
 
 def _golden(records: list[tuple[float, Sample]], count: int) -> list[Golden]:

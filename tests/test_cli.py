@@ -12,6 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -84,7 +86,7 @@ def test_predict_skips_and_reports_bad_files(bundle: Path, tmp_path: Path) -> No
     (folder / "empty.png").write_bytes(b"")
     (folder / "corrupt.jpg").write_bytes(good.read_bytes()[:200])
     code, text = invoke("predict", bundle, folder, tmp_path / "missing.png", "--format", "csv")
-    assert code == 0
+    assert code == 1  # it ran, but inputs failed: never a silent success
     rows = list(csv.DictReader(io.StringIO(text[text.index("path"):])))
     by_name = {Path(r["path"]).name: r for r in rows}
     assert by_name["ok.jpg"]["verdict"] in ("good", "anomalous")
@@ -132,3 +134,102 @@ def test_padim_on_the_full_ball_screw_set(tmp_path: Path) -> None:
     overall = json.loads((tmp_path / "e.json").read_text())["summary"]["overall"]
     assert overall["n_good"] == 131 and overall["n_defect"] == 167
     assert overall["image_auroc"] > 0.85 and overall["pixel_auroc"] > 0.95
+
+
+# --- never succeed silently ---------------------------------------------------------------------------------------
+
+
+def test_fit_on_a_plain_folder_of_good_images(tmp_path: Path) -> None:
+    """The README's own example: a folder of good images, no layout (this crashed with a TypeError)."""
+    folder = tmp_path / "good"
+    shutil.copytree(SAMPLE_DIR / "train" / "good", folder)
+    code, text = invoke("fit", folder, "--out", tmp_path / "b", "--size", "64", "--scorer", "padim", "-q")
+    assert code == 0, text
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    n = len(list(folder.iterdir()))
+    images = manifest["training"]["images"]
+    assert images["train"] + images["calibration_good"] == n and images["calibration_good"] >= 2
+
+
+@pytest.mark.parametrize(("setting", "says"), [("coreset_ratio=abc", "coreset_ratio = 'abc'"),
+                                               ("coreset_ratio=2", "coreset_ratio must be in (0, 1]"),
+                                               ("reweight=maybe", "valid boolean"),
+                                               ("no_such_key=1", "unknown setting")])
+def test_a_bad_scorer_setting_is_a_clear_error_not_a_traceback(tmp_path: Path, setting: str, says: str) -> None:
+    result = runner.invoke(app, ["fit", str(SAMPLE_DIR), "--out", str(tmp_path / "b"), "--set", setting, "-q"])
+    assert result.exit_code == 2 and says in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert not (tmp_path / "b").exists()
+
+
+def test_set_parses_booleans_as_booleans(tmp_path: Path) -> None:
+    code, text = invoke("fit", SAMPLE_DIR, "--out", tmp_path / "b", "--size", "64", "--set", "reweight=no",
+                        "--set", "coreset_ratio=0.05", "-q")
+    assert code == 0, text
+    config = json.loads((tmp_path / "b" / "manifest.json").read_text())["scorer"]["config"]
+    assert config["reweight"] is False and config["coreset_ratio"] == 0.05
+
+
+def test_predict_on_a_missing_path_fails(bundle: Path, tmp_path: Path) -> None:
+    code, text = invoke("predict", bundle, tmp_path / "nonexistent")
+    assert code == 1 and "nonexistent" in text and "could not be scored" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, text = invoke("predict", bundle, empty)
+    assert code == 1 and "no image files" in text
+
+
+def mixed_crops(src: Path, dst: Path, seed: int = 0) -> Path:
+    """A grey MVTec copy of ``src`` whose images are crops of widths varying by up to 4x (masks cropped alike)."""
+    rng = np.random.default_rng(seed)
+    for image_path in sorted(src.glob("t*/*/*.jpg")):
+        rel = image_path.relative_to(src)
+        image = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
+        mask_path = src / "ground_truth" / rel.parent.name / f"{image_path.stem}_mask.png"
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) if mask_path.exists() else None
+        w = image.shape[1]
+        cw = int(rng.integers(w // 4, w + 1))
+        x = int(rng.integers(0, w - cw + 1))
+        if mask is not None:  # keep the whole defect inside the crop
+            xs = np.nonzero(mask.any(0))[0]
+            cw = max(cw, int(xs.max() - xs.min() + 1))
+            x = int(np.clip(x, xs.max() + 1 - cw, xs.min()))
+        out = dst / rel.with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), image[:, x : x + cw])
+        if mask is not None:
+            mask_out = dst / "ground_truth" / rel.parent.name / f"{image_path.stem}_mask.png"
+            mask_out.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(mask_out), mask[:, x : x + cw])
+    return dst
+
+
+@pytest.mark.parametrize("resize", ["auto", "letterbox"])
+def test_frames_of_varying_size_are_all_used(tmp_path: Path, resize: str) -> None:
+    data = mixed_crops(SAMPLE_DIR, tmp_path / "mixed")
+    widths = {cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).shape[1] for p in data.glob("train/good/*.png")}
+    assert len(widths) > 10
+    code, text = invoke("fit", data, "--out", tmp_path / "b", "--size", "96", "--resize", resize,
+                        "--calibration-fraction", "0.15", "-q")
+    assert code == 0, text
+    assert ("resize   stretch: training image sizes vary" if resize == "auto" else "letterbox (asked for)") in text
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["training"]["skipped"] == []
+    n_train = len(list(data.glob("train/good/*.png")))
+    images = manifest["training"]["images"]
+    assert images["train"] + images["calibration_good"] == n_train
+    assert manifest["preprocess"]["resize"] == ("stretch" if resize == "auto" else "letterbox")
+    code, text = invoke("eval", tmp_path / "b", data, "--json", tmp_path / "e.json", "-q")
+    assert code == 0, text  # masks have their own image's size, whatever the first image's
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["skipped"] == [] and len(doc["images"]) == 14
+    overall = doc["summary"]["overall"]
+    assert overall["image_auroc"] > 0.6 and overall["pixel_auroc"] > 0.7
+
+
+def test_eval_fails_when_too_many_test_images_are_unreadable(bundle: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE_DIR, data)
+    (data / "test" / "good" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    code, text = invoke("eval", bundle, data, "-q")
+    assert code == 1 and "1 of 15 test images" in text and "do not describe the whole test split" in text

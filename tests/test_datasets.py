@@ -385,8 +385,10 @@ def test_load_dataset_detects_layouts(tmp_path: Path) -> None:
     assert load_dataset(root) == load_mvtec(root)
     assert load_dataset(tmp_path / "mvtec", seed=1) == load_mvtec(root, seed=1)  # root holding one category
     good, _, _ = make_flat(tmp_path / "flat", n_bad=0)
-    ds = load_dataset(good)
-    assert len(ds.train) == 7 and all(s.label == "good" for s in ds.test)
+    ds = load_dataset(good)  # a plain folder of good images: train and calibration, nothing to test on
+    n = len(list(good.iterdir()))
+    assert (len(ds.train), len(ds.calibration), len(ds.test)) == (n - 1, 1, 0)
+    assert len(load_dataset(good, calibration_fraction=0.3).calibration) == round(0.3 * n)
     make_mvtec(tmp_path / "mvtec" / "dog")
     with pytest.raises(DatasetError, match=r"several categories \(cat, dog\)"):
         load_dataset(tmp_path / "mvtec")

@@ -225,7 +225,7 @@ def test_white_level_scales_12_bit_frames() -> None:
 @pytest.mark.parametrize("shape", [(96, 96, 3), (100, 160, 3), (160, 96, 3)])
 def test_aspect_ratio_mismatch_raises_image_error(shape: tuple) -> None:
     pre = Preprocessor(PreprocessSpec.for_source((96, 160), 96))
-    with pytest.raises(ImageError, match=r"but the model was fitted on 160x96 frames \(aspect ratio differs\)"):
+    with pytest.raises(ImageError, match=r"fitted on 160x96 frames \(aspect ratio differs; a model fitted with resize"):
         pre.tiles(np.zeros(shape, np.uint8))
 
 
@@ -265,3 +265,48 @@ def test_valid_patches_refuses_a_mask_of_another_size() -> None:
     pre = Preprocessor(PreprocessSpec((96, 160), (96, 160)))
     with pytest.raises(ImageError, match=r"valid-area mask is \(80, 96\) \(WxH\) but frames are \(160, 96\)"):
         pre.valid_patches(np.ones((96, 80), bool))
+
+
+# --- resize policies -----------------------------------------------------------------------------------------------
+
+
+def test_stretch_takes_any_frame_to_the_working_size() -> None:
+    pre = Preprocessor(PreprocessSpec((60, 100), (64, 96), resize="stretch"))
+    for shape in [(60, 100), (20, 300), (300, 20), (64, 96)]:
+        image = np.random.default_rng(0).integers(0, 255, shape, np.uint8)
+        work = pre.working_image(image)
+        assert work.shape == (64, 96, 3)
+        expected = cv2.resize(cv2.cvtColor(image, cv2.COLOR_GRAY2RGB), (96, 64), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(work, expected)
+        assert pre.frame_valid(shape) is None and pre.letterbox_box(shape) == (0, 0, 64, 96)
+
+
+@pytest.mark.parametrize(("shape", "box"), [((50, 200), (20, 0, 24, 96)), ((200, 50), (0, 40, 64, 16)),
+                                            ((64, 96), (0, 0, 64, 96))])
+def test_letterbox_keeps_the_aspect_ratio_and_marks_only_the_frame_valid(shape: tuple, box: tuple) -> None:
+    pre = Preprocessor(PreprocessSpec((60, 100), (64, 96), resize="letterbox"))
+    assert pre.letterbox_box(shape) == box
+    image = np.full((*shape, 3), 200, np.uint8)
+    image[:, : shape[1] // 2] = 10  # left half dark: the content's own layout must survive
+    work = pre.working_image(image)
+    y, x, h, w = box
+    assert work.shape == (64, 96, 3)
+    np.testing.assert_array_equal(work[y : y + h, x : x + w], cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA
+                                                                      if shape[0] > h else cv2.INTER_LINEAR))
+    valid = pre.frame_valid(shape)[0]
+    assert valid.shape == (8, 12)
+    cells = np.zeros((64, 96), np.float32)
+    cells[y : y + h, x : x + w] = 1
+    expected = cells.reshape(8, 8, 12, 8).mean(axis=(1, 3)) >= 0.5  # at least half of each 8x8 patch inside
+    np.testing.assert_array_equal(valid, expected)
+
+
+def test_fixed_refuses_another_aspect_but_not_another_resolution_and_roi_needs_fixed() -> None:
+    pre = Preprocessor(PreprocessSpec((50, 100), (32, 64)))
+    assert pre.working_image(np.zeros((100, 200), np.uint8)).shape == (32, 64, 3)
+    with pytest.raises(ImageError, match="aspect ratio differs"):
+        pre.working_image(np.zeros((100, 100), np.uint8))
+    with pytest.raises(ConfigError, match="roi needs resize 'fixed'"):
+        PreprocessSpec((50, 100), (32, 64), roi=(0, 0, 50, 50), resize="stretch")
+    with pytest.raises(ConfigError, match="resize must be one of"):
+        PreprocessSpec((50, 100), (32, 64), resize="crop")

@@ -14,9 +14,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import ConfigDict, ValidationError
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
+
+#: Scorer settings are pydantic dataclasses: values from the command line or a manifest are converted
+#: to the field's type or refused ("abc" is not a ratio; "no" is False, not a true string).
+STRICT = ConfigDict(extra="forbid")
 
 #: Called after each training image with (images done, images total).
 Progress = Callable[[int, int], None]
@@ -52,20 +57,23 @@ class Scorer(ABC):
         """
 
     @abstractmethod
-    def score(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, float]:
+    def score(self, features: np.ndarray, norm: PositionNorm | None = None, valid: np.ndarray | None = None
+              ) -> tuple[np.ndarray, float]:
         """Patch scores ``[T, h, w]`` float32 and the image score (their maximum) for one image's features.
 
         With ``norm``, both are per-position normalised scores (see ``appliance.position_norm``),
-        and the image score is the exact maximum of the normalised patch scores.
+        and the image score is the exact maximum of the normalised patch scores. ``valid``
+        (``[T, h, w]`` bool) marks the patches that show this frame (a letterboxed frame's
+        padding does not); only they, and only inside the fitted valid area, are scored.
         """
 
-    def patch_scores(self, features: np.ndarray) -> np.ndarray:
+    def patch_scores(self, features: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Raw patch scores ``[T, h, w]`` for statistics over many images (the position norm's).
 
-        Like ``score(features)[0]``, but a scorer that bounds its patch scores may skip making
-        the maximum exact: statistics are taken at every position, not at an image's maximum.
+        Like ``score(features, None, valid)[0]``, but a scorer that bounds its patch scores may skip
+        making the maximum exact: statistics are taken at every position, not at an image's maximum.
         """
-        return self.score(features)[0]
+        return self.score(features, None, valid)[0]
 
     @abstractmethod
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -94,7 +102,11 @@ def config_from_dict(config_cls: type, data: dict, where: str) -> Any:
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(names)}")
-    return config_cls(**data)
+    try:
+        return config_cls(**data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where}: {problems}") from None
 
 
 def create(scorer_type: str, settings: dict | None = None) -> Scorer:
@@ -103,6 +115,14 @@ def create(scorer_type: str, settings: dict | None = None) -> Scorer:
         raise ConfigError(f"unknown scorer type {scorer_type!r}; available: {sorted(SCORERS)}")
     cls = SCORERS[scorer_type]
     return cls(config_from_dict(cls.Config, settings or {}, f"scorer {scorer_type}"))
+
+
+def frame_mask(fitted: np.ndarray | None, frame: np.ndarray | None) -> np.ndarray | None:
+    """The patches to score in one frame: inside the fitted valid area and showing the frame."""
+    if frame is None:
+        return fitted
+    frame = np.asarray(frame, bool)
+    return frame if fitted is None else fitted & frame.reshape(fitted.shape)
 
 
 def check_norm(norm: PositionNorm | None, grid: tuple[int, ...]) -> None:

@@ -13,16 +13,16 @@ import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from appliance_kernels import config as mk_config
 from appliance_kernels import mahalanobis as mk
+from pydantic.dataclasses import dataclass
 from threadpoolctl import threadpool_limits
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
-from .base import Progress, Scorer, check_norm, register
+from .base import STRICT, Progress, Scorer, check_norm, frame_mask, register
 
 #: Positions inverted per chunk (bounds the float64 temporaries).
 _INVERT_CHUNK = 64
@@ -32,7 +32,7 @@ _BATCH = 16
 _BLOCK = mk_config.POSITION_BLOCK
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class PadimConfig:
     """PaDiM settings.
 
@@ -134,7 +134,8 @@ class Padim(Scorer):
         return {"images": count, "positions": int(self.positions), "channels": int(d),
                 "moments_s": round(t1 - t0, 3), "invert_s": round(time.perf_counter() - t1, 3)}
 
-    def score(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, float]:
+    def score(self, features: np.ndarray, norm: PositionNorm | None = None, valid: np.ndarray | None = None
+              ) -> tuple[np.ndarray, float]:
         """Mahalanobis distance at every position (normalised with ``norm``); the image score is the maximum."""
         if self.mean_blocks is None:
             raise ScorerError("PaDiM scorer used before fit or load")
@@ -145,11 +146,12 @@ class Padim(Scorer):
         except ValueError as exc:
             raise ScorerError(f"PaDiM cannot score features of shape {features.shape}: {exc}") from None
         dist = dist.reshape(t, h, w)
-        if self.valid is not None:
-            dist *= self.valid
+        mask = frame_mask(self.valid, valid)
+        if mask is not None:
+            dist *= mask
         if norm is not None:
             check_norm(norm, dist.shape)
-            dist = norm.apply(dist, self.valid)
+            dist = norm.apply(dist, mask)
         return dist, float(dist.max())
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:

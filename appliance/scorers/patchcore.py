@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
 from appliance_kernels.coreset import greedy_coreset
 from appliance_kernels.nn_search import check_graph, graph_beam, shortlist_nn
+from pydantic.dataclasses import dataclass
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
-from .base import Progress, Scorer, check_norm, register
+from .base import STRICT, Progress, Scorer, check_norm, frame_mask, register
 from .patchcore_bank import build_graph, build_hnsw, build_shortlists, locality_order, position_partitions
 from .spill import MemoryRows, SpilledRows, patch_rows
 
@@ -52,7 +52,7 @@ _POOL = 256
 _COVERAGE_SAMPLE = 20000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class PatchCoreConfig:
     """PatchCore settings.
 
@@ -285,12 +285,13 @@ class PatchCore(Scorer):
         _t, _c, p = x.shape
         return np.ascontiguousarray(x[rows // p, :, rows % p])
 
-    def nearest(self, features: np.ndarray, norm: PositionNorm | None = None, *, certify: bool = True
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def nearest(self, features: np.ndarray, norm: PositionNorm | None = None, *, certify: bool = True,
+                valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Squared NN distance ``[T*P]`` and bank row for every patch (exact at the top, see module doc).
 
         "The top" is by distance, or by normalised score with ``norm``: the patch with the largest
         normalised score is then the one searched exactly. ``certify=False``: bounds only.
+        ``valid``: the patches to score (``frame_mask``; default: the fitted valid area); others get 0.
         """
         if self.bank is None:
             raise ScorerError("PatchCore scorer used before fit or load")
@@ -305,13 +306,15 @@ class PatchCore(Scorer):
             self.refined_last = d2.shape[0]
             return np.maximum(d2[:, 0], 0), nn[:, 0].astype(np.int32)
         d2, nn = shortlist_nn(x, self.bank, self.shortlist, self.graph, self.config.graph_steps)
-        if self.valid is not None:
-            d2[~self.valid.reshape(-1)] = 0.0
+        mask = self.valid if valid is None else valid
+        if mask is not None:
+            d2[~mask.reshape(-1)] = 0.0
         if certify:
-            self._certify(x, d2, nn, norm)
+            self._certify(x, d2, nn, norm, mask)
         return np.maximum(d2, 0), nn
 
-    def _certify(self, x: np.ndarray, d2: np.ndarray, nn: np.ndarray, norm: PositionNorm | None) -> None:
+    def _certify(self, x: np.ndarray, d2: np.ndarray, nn: np.ndarray, norm: PositionNorm | None,
+                 mask: np.ndarray | None) -> None:
         """Make the largest (normalised) patch score exact, in place; the other bounds stay bounds.
 
         A lazy loop over the largest bounds: each is first tightened by a best-first search on the
@@ -341,8 +344,8 @@ class PatchCore(Scorer):
             self.approx_last += rows.size
 
         state = np.zeros(d2.size, np.int8)  # 0 bound, 1 graph-searched, 2 HNSW-searched, 3 exact
-        if self.valid is not None:
-            state[~self.valid.reshape(-1)] = _EXACT  # nothing to certify outside the valid area
+        if mask is not None:
+            state[~mask.reshape(-1)] = _EXACT  # nothing to certify outside the valid area
         keys = key(np.arange(d2.size))  # kept current for every row a stage touches
         best = -np.inf
         self.refined_last = self.approx_last = 0
@@ -395,26 +398,30 @@ class PatchCore(Scorer):
         better = (enn[:, 0] >= 0) & (ed2[:, 0] < d2[rows])
         d2[rows[better]], nn[rows[better]] = ed2[better, 0], enn[better, 0]
 
-    def patch_scores(self, features: np.ndarray) -> np.ndarray:
+    def patch_scores(self, features: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Patch NN distances from the shortlists and graph steps alone: upper bounds, none certified.
 
         As every patch but the top one of a scored image is (on a tiled ball-screw fit, raw
         calibration scoring took 27 ms per image, most of it certifying a maximum nobody used).
         """
-        d2, _ = self.nearest(features, certify=False)
-        return self._distances(d2, features.shape)
+        mask = frame_mask(self.valid, valid)
+        d2, _ = self.nearest(features, certify=False, valid=mask)
+        return self._distances(d2, features.shape, mask)
 
-    def _distances(self, d2: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """``[T, h, w]`` patch distances from squared ones, zero outside the valid area."""
+    def _distances(self, d2: np.ndarray, shape: tuple[int, ...], mask: np.ndarray | None = None) -> np.ndarray:
+        """``[T, h, w]`` patch distances from squared ones, zero outside ``mask`` (default: the valid area)."""
         t, _, h, w = shape
         dist = np.sqrt(d2).reshape(t, h, w)
-        return dist * self.valid if self.valid is not None else dist
+        mask = self.valid if mask is None else mask
+        return dist * mask if mask is not None else dist
 
-    def score(self, features: np.ndarray, norm: PositionNorm | None = None) -> tuple[np.ndarray, float]:
+    def score(self, features: np.ndarray, norm: PositionNorm | None = None, valid: np.ndarray | None = None
+              ) -> tuple[np.ndarray, float]:
         """Patch scores (NN distances, normalised with ``norm``) and the image score (max, optionally reweighted)."""
-        d2, nn = self.nearest(features, norm)
-        dist = self._distances(d2, features.shape)
-        patches = dist if norm is None else norm.apply(dist, self.valid)
+        mask = frame_mask(self.valid, valid)
+        d2, nn = self.nearest(features, norm, valid=mask)
+        dist = self._distances(d2, features.shape, mask)
+        patches = dist if norm is None else norm.apply(dist, mask)
         top = int(np.argmax(patches))
         image_score = float(patches.reshape(-1)[top])
         if self.config.reweight and self.bank.shape[0] > 1:

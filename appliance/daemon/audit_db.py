@@ -1,0 +1,182 @@
+"""The audit database itself: schema, opening for writing or reading, retention.
+
+Plain functions on a ``sqlite_utils.Database``, no threads: the single writer (``audit.py``)
+and the read side (``audit_query.py``, the ``appliance audit`` command) both stand on them.
+Schema changes bump ``SCHEMA_VERSION`` (``PRAGMA user_version``); a file written by a newer
+version is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from ..errors import AuditError
+
+#: ``PRAGMA user_version`` of the schema this module writes.
+SCHEMA_VERSION = 1
+#: What ``Recorder.delivered()`` may set; ``pending`` keeps the row in the outbox (an attempt that failed).
+DELIVERY_STATUSES = ("sent", "skipped", "failed", "dropped", "pending")
+_RETENTION_CHUNK = 500  # most inspections deleted per transaction by the size limit
+
+_INSPECTION_COLUMNS: dict[str, type] = {
+    "id": str, "time": str, "camera": str, "seq": int, "trigger_id": str, "captured_at": float,
+    "finished_at": float, "verdict": str, "score": float, "raw_score": float, "threshold": float,
+    "threshold_source": str, "error": str, "model_id": str, "bank_hash": str, "source": str,
+    "image_sha256": str, "overlay_path": str, "latency_ms": str,
+}
+# sqlite-utils has no public AUTOINCREMENT option; AUTOINCREMENT keeps ids (= send order)
+# from ever being reused after retention deletes the newest rows.
+_DELIVERIES_SQL = """CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    inspection_id TEXT NOT NULL,
+    output TEXT NOT NULL,
+    status TEXT NOT NULL,
+    payload TEXT,
+    created_at REAL NOT NULL,
+    delivered_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    detail TEXT
+)"""
+
+
+def iso_utc(ts: float) -> str:
+    """Seconds since the epoch as ISO-8601 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_row(kind: str, camera: str | None = None, detail: str | None = None, data: Any = None,
+              at: float | None = None) -> dict[str, Any]:
+    """One ``events`` row (``data`` as JSON text)."""
+    if not kind or len(kind) > 64:
+        raise ValueError(f"an event kind is a short non-empty string, got {kind!r}")
+    at = time.time() if at is None else float(at)
+    return {"at": at, "time": iso_utc(at), "kind": kind, "camera": camera,
+            "detail": None if detail is None else str(detail),
+            "data": None if data is None else json.dumps(data, default=str)}
+
+
+def open_writer(path: Path, synchronous: str = "full") -> Database:
+    """Open (creating if new) the audit database for writing; raise ``AuditError`` if that is impossible."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditError(f"cannot create the audit folder {path.parent}: {exc}; "
+                         "set audit.path to a writable location") from exc
+    conn = None
+    try:
+        conn = sqlite3.connect(str(path), timeout=5.0, check_same_thread=False)
+        db = Database(conn, execute_plugins=False)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise AuditError(f"{path} has audit schema {version}, newer than this version's {SCHEMA_VERSION}; "
+                             "upgrade the appliance or point audit.path at another file")
+        if version == 0:
+            if db.table_names():
+                raise AuditError(f"{path} is an SQLite file but not an audit log; point audit.path elsewhere")
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect before the first table
+            db.enable_wal()
+            with db.atomic():
+                _create_schema(db)
+        else:
+            db.enable_wal()
+        if db.journal_mode != "wal":
+            raise AuditError(f"{path}: SQLite cannot use WAL mode there (a network file system?); "
+                             "put the audit log on a local disk")
+        db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        return db
+    except (sqlite3.Error, AuditError) as exc:
+        if conn is not None:
+            conn.close()
+        if isinstance(exc, AuditError):
+            raise
+        raise AuditError(f"cannot open the audit database {path}: {exc}; check that the file is an audit "
+                         "log and that its folder is writable and not full") from exc
+
+
+def _create_schema(db: Database) -> None:
+    inspections = db["inspections"]
+    inspections.create(_INSPECTION_COLUMNS, pk="id",
+                       not_null={"time", "camera", "seq", "captured_at", "finished_at", "verdict"})
+    inspections.create_index(["camera", "captured_at"])
+    inspections.create_index(["verdict", "captured_at"])
+    inspections.create_index(["captured_at"])
+    db.execute(_DELIVERIES_SQL)
+    db["deliveries"].create_index(["output", "status", "id"])
+    db["deliveries"].create_index(["inspection_id", "output"], unique=True)
+    events = db["events"]
+    events.create({"id": int, "at": float, "time": str, "kind": str, "camera": str, "detail": str, "data": str},
+                  pk="id", not_null={"at", "time", "kind"})
+    events.create_index(["at"])
+    events.create_index(["kind", "at"])
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def open_reader(path: Path) -> Database:
+    """A read-only connection (``mode=ro``): it never takes the write lock, so it never blocks the writer."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"no audit database at {path}; check the path (the daemon creates it on its first run)")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0,
+                               check_same_thread=False)
+        db = Database(conn, execute_plugins=False)
+        if not {"inspections", "deliveries", "events"} <= set(db.table_names()):
+            conn.close()
+            raise AuditError(f"{path} is not an audit database (no inspections/deliveries/events tables)")
+        return db
+    except sqlite3.Error as exc:
+        raise AuditError(f"cannot read the audit database {path}: {exc}") from exc
+
+
+def used_bytes(db: Database) -> int:
+    """Bytes held by live pages (the file minus its free list, which incremental vacuum returns)."""
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+    return pages * page_size
+
+
+def retain(db: Database, retention_days: float, max_mb: float, now: float | None = None) -> dict[str, int]:
+    """Delete what is older than ``retention_days``, then the oldest while above ``max_mb``; vacuum.
+
+    Returns the counts deleted (``inspections``, ``deliveries``, ``events``). Deliveries go with
+    their inspection; events by their own time, and by the size limit up to the oldest kept inspection.
+    """
+    cutoff = (time.time() if now is None else now) - retention_days * 86400.0
+    counts = {"inspections": 0, "deliveries": 0, "events": 0}
+    with db.atomic():
+        counts["deliveries"] += db.execute(
+            "DELETE FROM deliveries WHERE inspection_id IN (SELECT id FROM inspections WHERE captured_at < ?)",
+            [cutoff]).rowcount
+        counts["inspections"] += db.execute("DELETE FROM inspections WHERE captured_at < ?", [cutoff]).rowcount
+        counts["events"] += db.execute("DELETE FROM events WHERE at < ?", [cutoff]).rowcount
+    limit = max_mb * 1024 * 1024
+    rows = None
+    while (used := used_bytes(db)) > limit:
+        # about the share of rows that is over the limit, at most a chunk: short write locks
+        rows = db["inspections"].count if rows is None else rows
+        chunk = min(_RETENTION_CHUNK, max(1, math.ceil(rows * (used - limit) / used)))
+        with db.atomic():
+            oldest = "SELECT id FROM inspections ORDER BY captured_at, id LIMIT ?"
+            d = db.execute(f"DELETE FROM deliveries WHERE inspection_id IN ({oldest})", [chunk]).rowcount
+            n = db.execute(f"DELETE FROM inspections WHERE id IN ({oldest})", [chunk]).rowcount
+            first = db.execute("SELECT min(captured_at) FROM inspections").fetchone()[0]
+            e = db.execute("DELETE FROM events WHERE at < ?", [first if first is not None else float("inf")]).rowcount
+        rows -= n
+        counts["inspections"] += n
+        counts["deliveries"] += d
+        counts["events"] += e
+        if n + d + e == 0:
+            break
+    if any(counts.values()):
+        # executescript steps the pragma to the end; a plain execute frees one page per step
+        db.executescript("PRAGMA incremental_vacuum;")
+    return counts

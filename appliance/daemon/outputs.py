@@ -1,0 +1,170 @@
+"""Fan-out to the outputs: one worker thread and one bounded queue per output.
+
+The pipeline hands each inspection to ``Outputs.publish`` once its audit row is committed;
+every output then gets it on its own thread, so a slow or failing output never blocks
+inspection or the other outputs. A full queue drops its oldest record (counted, and marked
+``dropped`` in the audit log); a failed delivery is marked ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import ApplianceError
+from .publishers import Publisher
+from .records import Inspection
+
+log = logging.getLogger(__name__)
+
+#: ``(inspection_id, output, status, detail, at)``: how a delivery ended, for the audit log.
+Report = Callable[[str, str, str, str | None, float | None], None]
+
+
+class OutputWorker:
+    """One output's queue and thread."""
+
+    def __init__(self, publisher: Publisher, report: Report, size: int) -> None:
+        self.publisher = publisher
+        self.name = publisher.name
+        self._report = report
+        self._queue: collections.deque[Inspection] = collections.deque()
+        self._size = size
+        self._cond = threading.Condition()
+        self._stop = False
+        self._busy = False
+        self.sent = self.failed = self.dropped = self.skipped = 0
+        self.last_error: str | None = None
+        self.last_sent_at: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"output-{self.name}", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker (the publisher itself is started by ``Outputs``)."""
+        self._thread.start()
+
+    def put(self, inspection: Inspection) -> None:
+        """Queue a record; never blocks. When full, the oldest waiting record is dropped."""
+        dropped = None
+        with self._cond:
+            if len(self._queue) >= self._size:
+                dropped = self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(inspection)
+            self._cond.notify()
+        if dropped is not None:
+            self._report(dropped.id, self.name, "dropped", f"{self.name} queue full ({self._size})", time.time())
+
+    def backlog(self) -> int:
+        """Records waiting (and the one being delivered)."""
+        with self._cond:
+            return len(self._queue) + int(self._busy)
+
+    def stop(self, timeout: float) -> None:
+        """Deliver what is queued (within ``timeout``), then end the thread."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                item = self._queue.popleft()
+                self._busy = True
+            try:
+                self._deliver(item)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _deliver(self, item: Inspection) -> None:
+        try:
+            delivery = self.publisher.publish(item)
+        except ApplianceError as exc:
+            self.failed += 1
+            self.last_error = str(exc)
+            self._report(item.id, self.name, "failed", str(exc), time.time())
+            return
+        except Exception as exc:  # a bug in one output must not stop its worker
+            log.exception("output %s failed on inspection %s", self.name, item.id)
+            self.failed += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._report(item.id, self.name, "failed", self.last_error, time.time())
+            return
+        self.last_error = None
+        if delivery.status == "skipped":
+            self.skipped += 1
+        else:
+            self.sent += 1
+        self.last_sent_at = delivery.at or time.time()
+        self._report(item.id, self.name, delivery.status, delivery.detail, self.last_sent_at)
+
+    def state(self) -> dict[str, Any]:
+        """Counters and the publisher's own state, for status and metrics."""
+        own = {}
+        try:
+            own = self.publisher.state()
+        except Exception as exc:
+            own = {"state_error": str(exc)}
+        state = "error" if self.last_error else "ok"
+        return {"state": state, "backlog": self.backlog(), "sent": self.sent, "skipped": self.skipped,
+                "failed": self.failed, "dropped": self.dropped, "last_error": self.last_error,
+                "last_sent_at": self.last_sent_at, **own}
+
+
+class Outputs:
+    """All outputs of the daemon."""
+
+    def __init__(self, publishers: Sequence[Publisher], report: Report) -> None:
+        self.workers = [OutputWorker(p, report, p.config.queue) for p in publishers]
+
+    @property
+    def names(self) -> list[str]:
+        """Output names, in configuration order."""
+        return [w.name for w in self.workers]
+
+    def get(self, name: str) -> Publisher | None:
+        """The publisher of that name, if configured."""
+        return next((w.publisher for w in self.workers if w.name == name), None)
+
+    def start(self) -> None:
+        """Start every publisher, then its worker; a publisher that cannot start stops the start-up."""
+        started = []
+        try:
+            for worker in self.workers:
+                worker.publisher.start()
+                started.append(worker)
+                worker.start()
+        except BaseException:
+            for worker in started:
+                worker.stop(1.0)
+                worker.publisher.close()
+            raise
+
+    def publish(self, inspection: Inspection) -> None:
+        """Hand a committed inspection to every output (never blocks)."""
+        for worker in self.workers:
+            worker.put(inspection)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain every queue (sharing ``timeout``), then close the publishers."""
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.stop(max(0.1, deadline - time.monotonic()))
+        for worker in self.workers:
+            try:
+                worker.publisher.close()
+            except Exception:  # close must not raise
+                log.exception("closing output %s failed", worker.name)
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Each output's state by name."""
+        return {w.name: w.state() for w in self.workers}

@@ -1,0 +1,117 @@
+"""What an output is: take one inspection record, deliver it somewhere; a registry keyed by ``type``.
+
+Each publisher runs on its own worker with its own bounded queue (see ``outputs.py``), so a
+slow or failing output never blocks inspection or the other outputs. ``publish`` is called
+on that worker thread only; it returns what it delivered, or raises ``PublishError``.
+Publishers never reach back into the engine: everything they need is in the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..records import Inspection
+
+
+class PublisherConfig(BaseModel):
+    """Base of every output's config: strict, with a ``type`` tag and the queue bound."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    queue: int = Field(256, ge=1, description="records waiting for this output before the oldest is dropped")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What an output did with one record: recorded in the audit log beside the inspection.
+
+    Attributes:
+        status: ``sent`` (delivered), ``skipped`` (by the output's own policy, e.g. NG-only overlays).
+        detail: where it went (a path, a topic), for the audit log.
+        at: when, seconds since the epoch (``None``: when ``publish`` returned).
+
+    """
+
+    status: str = "sent"
+    detail: str | None = None
+    at: float | None = None
+
+
+@dataclass
+class OutputContext:
+    """What the daemon gives every output when it starts.
+
+    Attributes:
+        state_dir: the daemon's state folder (``/var/lib/anomaly-appliance`` on a device).
+        status: the daemon's status snapshot (as ``appliance status --json`` prints it).
+        registry: the Prometheus registry the daemon exports on ``/metrics``.
+        loop: the daemon's asyncio loop, for outputs that are network servers.
+        trigger: ``trigger(camera, trigger_id)`` asks the camera's pipeline for one frame.
+
+    """
+
+    state_dir: Path
+    status: Callable[[], dict[str, Any]]
+    registry: CollectorRegistry
+    loop: asyncio.AbstractEventLoop | None = None
+    trigger: Callable[[str, str | None], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Publisher(ABC):
+    """One output (overlay files, HTTP, MQTT, Modbus, ...)."""
+
+    type: ClassVar[str]
+    Config: ClassVar[type[PublisherConfig]]
+
+    def __init__(self, config: PublisherConfig, context: OutputContext) -> None:
+        self.config = config
+        self.context = context
+
+    @property
+    def name(self) -> str:
+        """The output's name in status, metrics and the audit log."""
+        return self.type
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Open files, sockets or servers; raise ``PublishError`` if the output cannot work at all."""
+
+    @abstractmethod
+    def publish(self, inspection: Inspection) -> Delivery:
+        """Deliver one record (on this output's worker thread); raise ``PublishError`` on failure."""
+
+    def state(self) -> dict[str, Any]:
+        """Output-specific status (e.g. ``{"connected": true}``), merged into the worker's counters."""
+        return {}
+
+    @classmethod
+    def check(cls, config: PublisherConfig, state_dir: Path) -> tuple[str, str]:
+        """``appliance doctor``: can this output work here? ``("ok"|"warn"|"fail", detail)``, without starting it."""
+        return "ok", "nothing to check"
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release; must not raise."""
+
+
+PUBLISHERS: dict[str, type[Publisher]] = {}
+
+
+def register_publisher(cls: type[Publisher]) -> type[Publisher]:
+    """Class decorator: make an output available under its ``type``."""
+    if cls.type in PUBLISHERS and PUBLISHERS[cls.type] is not cls:
+        raise ValueError(f"publisher type {cls.type!r} is registered twice")
+    PUBLISHERS[cls.type] = cls
+    return cls
+
+
+def create_publisher(config: PublisherConfig, context: OutputContext) -> Publisher:
+    """An unstarted output for a validated config."""
+    return PUBLISHERS[config.type](config, context)

@@ -1,0 +1,441 @@
+"""Read-only HTTP: a live page per camera for the HMI, JSON status, Prometheus metrics, health.
+
+An output like any other: ``publish`` keeps a short summary of each record in a per-camera ring
+buffer (the page's trend and verdict), while an aiohttp server on the daemon's asyncio loop
+serves the pages and the daemon's snapshot. Everything is GET and read-only: nothing here can
+change the daemon, so the only risk of exposing it is disclosure, and it binds to loopback
+unless configured otherwise.
+
+Routes: ``/`` (cameras), ``/camera/{id}`` (live page), ``/api/status``,
+``/api/cameras/{id}/recent?n=``, ``/api/cameras/{id}/latest.png``, ``/metrics``, ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import html
+import json
+import logging
+import math
+import socket
+import string
+import threading
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Coroutine, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import Field
+
+from ...errors import PublishError
+from ..records import VERDICTS, Inspection
+from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher
+
+log = logging.getLogger(__name__)
+
+#: The page's files (HTML template, script, style), shipped as package data beside the daemon.
+ASSETS = ("page.html", "page.js", "page.css")
+_STATIC_TYPES = {"page.js": "text/javascript", "page.css": "text/css"}
+_NO_STORE = {"Cache-Control": "no-store"}
+# No inline script or style, nothing from elsewhere: the page works offline and an id that slipped
+# past escaping still could not run.
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'")
+
+
+class HttpConfig(PublisherConfig):
+    """Where the read-only web server listens and how much history it keeps."""
+
+    type: Literal["http"] = "http"
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="address to listen on; loopback by default, so only a browser on this machine "
+                                  "(the HMI panel) sees the pages: set 0.0.0.0 or one interface's address to serve "
+                                  "them to the plant network")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on (0: any free port, for tests)")
+    history: int = Field(300, ge=1, le=100_000,
+                         description="inspections kept per camera for the live page's trend and /recent")
+    overlay_dir: Path | None = Field(None, description="folder holding <camera>/latest.png as the overlay output "
+                                                       "writes it; default <state_dir>/overlays")
+    timeout: float = Field(10.0, gt=0, description="seconds to wait for the server to start or stop")
+
+
+def summarize(inspection: Inspection) -> dict[str, Any]:
+    """The few fields of a record the live page needs (no pixels, no map), JSON-ready."""
+    total = inspection.latency_ms.get("total")
+    return {
+        "id": inspection.id, "seq": inspection.seq, "time": _num(inspection.finished_at),
+        "verdict": inspection.verdict, "score": _num(inspection.score), "threshold": _num(inspection.threshold),
+        "threshold_source": inspection.threshold_source, "raw_score": _num(inspection.raw_score),
+        "trigger_id": inspection.trigger_id, "error": inspection.error, "latency_ms": _num(total),
+        "overlay_path": inspection.overlay_path, "model_id": inspection.model_id,
+    }
+
+
+@register_publisher
+class HttpPublisher(Publisher):
+    """The live HMI page, ``/api/status``, ``/metrics`` and ``/healthz`` on the daemon's loop.
+
+    ``publish`` runs on the output's worker thread and the request handlers on the loop, so the
+    ring buffers are guarded by one lock. ``start``/``close`` may be called from any thread but
+    the loop's own (there, await ``start_async``/``stop_async``).
+    """
+
+    type = "http"
+    Config = HttpConfig
+
+    def __init__(self, config: HttpConfig, context: OutputContext) -> None:
+        super().__init__(config, context)
+        self.config: HttpConfig = config
+        self._lock = threading.Lock()
+        self._recent: dict[str, deque[dict[str, Any]]] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._assets: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ the output side
+
+    @property
+    def port(self) -> int | None:
+        """The port actually listened on (useful with ``port = 0``), ``None`` until started."""
+        return self._port
+
+    @property
+    def url(self) -> str | None:
+        """Base URL of the server, ``None`` until started."""
+        if self._port is None:
+            return None
+        host = self.config.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self._port}"
+
+    def camera_url(self, camera: str) -> str:
+        """URL of a camera's live page."""
+        return f"{self.url or ''}/camera/{quote(camera, safe='')}"
+
+    def publish(self, inspection: Inspection) -> Delivery:
+        """Remember a summary of the record for the page and count its verdict."""
+        item = summarize(inspection)
+        with self._lock:
+            buffer = self._recent.get(inspection.camera)
+            if buffer is None:
+                buffer = self._recent[inspection.camera] = deque(maxlen=self.config.history)
+                self._counts[inspection.camera] = dict.fromkeys(VERDICTS, 0)
+            buffer.append(item)
+            self._counts[inspection.camera][inspection.verdict] += 1
+        return Delivery("sent", detail=self.camera_url(inspection.camera))
+
+    def recent(self, camera: str, n: int | None = None) -> dict[str, Any]:
+        """The last ``n`` summaries of a camera (oldest first) and its verdict counts since start."""
+        with self._lock:
+            items = list(self._recent.get(camera, ()))
+            counts = dict(self._counts.get(camera, dict.fromkeys(VERDICTS, 0)))
+        return {"camera": camera, "counts": counts, "items": items[-n:] if n else items}
+
+    @classmethod
+    def check(cls, config: PublisherConfig, state_dir: Path) -> tuple[str, str]:
+        """The port is free, or this appliance's own server answers on it."""
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+        url = f"http://{host}:{config.port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as answer:
+                return "ok", f"the appliance answers on {url} ({answer.status})"
+        except urllib.error.HTTPError as exc:
+            return ("ok", f"the appliance answers on {url} (unhealthy: {exc.code})") if exc.code == 503 else (
+                "fail", f"port {config.port} answers but not as this appliance ({exc.code})")
+        except OSError:
+            pass
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((config.host, config.port))
+        except OSError as exc:
+            return "fail", f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        return "ok", f"{config.host}:{config.port} is free"
+
+    def state(self) -> dict[str, Any]:
+        """Where the pages are served."""
+        return {"url": self.url, "listening": self._runner is not None}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start serving on the daemon's loop; ``PublishError`` if the port is taken or there is no loop."""
+        self._on_loop(self.start_async(), "start")
+
+    def close(self) -> None:
+        """Stop serving and close open connections; never raises."""
+        if self._runner is None:
+            return
+        try:
+            self._on_loop(self.stop_async(), "stop")
+        except Exception as exc:  # close must not raise: the daemon is shutting down anyway
+            log.warning("http output did not stop cleanly: %s", exc)
+
+    async def start_async(self) -> None:
+        """Start serving (on the running loop); a second call does nothing."""
+        if self._runner is not None:
+            return
+        self._assets = _load_assets()
+        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=min(self.config.timeout, 2.0))
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise PublishError(_listen_error(self.config.host, self.config.port, exc)) from exc
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        log.info("http output serving %s", self.url)
+
+    async def stop_async(self) -> None:
+        """Stop serving; a second call does nothing."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def _on_loop(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run ``coro`` on the daemon's loop from this (other) thread and wait for it."""
+        loop = self.context.loop
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        problem = None
+        if loop is None or loop.is_closed():
+            problem = "needs the daemon's running asyncio loop (OutputContext.loop)"
+        elif current is loop:
+            problem = f"{what}() would wait on the loop it runs on: await {what}_async() there instead"
+        if problem:
+            coro.close()
+            raise PublishError(f"http output: {problem}")
+        assert loop is not None
+        if not loop.is_running():  # started before the loop runs: serve once it does
+            loop.run_until_complete(coro)
+            return
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            future.result(self.config.timeout)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise PublishError(f"http output did not {what} within {self.config.timeout} s: is the daemon's "
+                               "loop blocked?") from exc
+
+    # ------------------------------------------------------------------ the web side
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.on_response_prepare.append(_security_headers)
+        add = app.router.add_get
+        add("/", self._index)
+        add("/camera/{camera}", self._camera_page)
+        add("/static/{name}", self._static)
+        add("/api/status", self._api_status)
+        add("/api/cameras/{camera}/recent", self._api_recent)
+        add("/api/cameras/{camera}/latest.png", self._latest_png)
+        add("/metrics", self._metrics)
+        add("/healthz", self._healthz)
+        return app
+
+    def _status(self) -> dict[str, Any]:
+        """The daemon's snapshot; ``{}`` (logged) if the daemon cannot give one."""
+        try:
+            status = self.context.status()
+        except Exception as exc:
+            log.warning("http output: the daemon's status failed: %s", exc)
+            return {}
+        return status if isinstance(status, dict) else {}
+
+    def _cameras(self, status: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Known cameras: the daemon's, then any only seen in records; each with its status (maybe ``{}``)."""
+        cams = status.get("cameras")
+        known = {str(k): (v if isinstance(v, dict) else {}) for k, v in cams.items()} if isinstance(cams, dict) else {}
+        with self._lock:
+            known.update({c: {} for c in self._recent if c not in known})
+        return known
+
+    def _known_camera(self, request: web.Request, api: bool = True) -> str:
+        """The request's camera id, checked against the known ones (404 otherwise: ids are not paths)."""
+        camera = request.match_info["camera"]
+        known = self._cameras(self._status())
+        if camera not in known:
+            message = f"unknown camera {camera!r}; known: {', '.join(sorted(known)) or 'none'}"
+            if api:
+                raise web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
+            raise web.HTTPNotFound(text=message)
+        return camera
+
+    async def _index(self, request: web.Request) -> web.Response:
+        rows = []
+        for cam, info in self._cameras(self._status()).items():
+            last = info.get("last")
+            verdict = last.get("verdict") if isinstance(last, dict) else None
+            if verdict is None:  # the daemon's snapshot may omit it; this output saw the records too
+                items = self.recent(cam, 1)["items"]
+                verdict = items[0]["verdict"] if items else None
+            tag = verdict if verdict in VERDICTS else "none"
+            rows.append(f'<li><a class="cam v-{tag}" href="camera/{html.escape(quote(cam, safe=""))}">'
+                        f'<span class="name">{html.escape(cam)}</span>'
+                        f'<span class="state">{html.escape(str(info.get("state", "unknown")))}</span>'
+                        f'<span class="last">{html.escape(verdict.upper()) if tag != "none" else "&#8212;"}</span>'
+                        '</a></li>')
+        body = "\n".join(rows) or '<li class="empty">No cameras configured.</li>'
+        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f'<meta http-equiv="refresh" content="5"><title>Cameras</title>'
+                f'<link rel="stylesheet" href="static/page.css"></head>'
+                f'<body class="index"><header class="bar"><h1>Cameras</h1></header>'
+                f'<ul class="cams">{body}</ul></body></html>')
+        return web.Response(text=page, content_type="text/html", headers=_NO_STORE)
+
+    async def _camera_page(self, request: web.Request) -> web.Response:
+        camera = self._known_camera(request, api=False)
+        page = string.Template(self._assets["page.html"]).substitute(
+            camera=html.escape(camera), history=str(self.config.history))
+        return web.Response(text=page, content_type="text/html", headers=_NO_STORE)
+
+    async def _static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _STATIC_TYPES:
+            raise web.HTTPNotFound()
+        return web.Response(text=self._assets[name], content_type=_STATIC_TYPES[name],
+                            headers={"Cache-Control": "no-cache"})
+
+    async def _api_status(self, request: web.Request) -> web.Response:
+        try:
+            status = self.context.status()
+        except Exception as exc:
+            return _json({"error": f"the daemon's status is unavailable: {exc}"}, 503)
+        return _json(status)
+
+    async def _api_recent(self, request: web.Request) -> web.Response:
+        camera = self._known_camera(request)
+        try:
+            n = int(request.query.get("n", "100"))
+        except ValueError:
+            n = 0
+        if n < 1:
+            return _json({"error": "n must be a positive integer"}, 400)
+        data = self.recent(camera, min(n, self.config.history))
+        png = self._latest_path(camera)
+        try:
+            mtime = png.stat().st_mtime if png is not None else None
+        except OSError:
+            mtime = None
+        data["latest_png"] = None if mtime is None else {
+            "url": f"/api/cameras/{quote(camera, safe='')}/latest.png", "mtime": mtime}
+        return _json(data)
+
+    async def _latest_png(self, request: web.Request) -> web.Response:
+        camera = self._known_camera(request)
+        path = self._latest_path(camera)
+        try:
+            data = None if path is None else await asyncio.to_thread(path.read_bytes)
+        except OSError:
+            data = None
+        if data is None:
+            raise web.HTTPNotFound(text=f"no overlay of camera {camera!r} yet", headers=_NO_STORE)
+        return web.Response(body=data, content_type="image/png", headers=_NO_STORE)
+
+    def _latest_path(self, camera: str) -> Path | None:
+        """``<overlay_dir>/<camera>/latest.png``, or ``None`` if the id would lead outside that folder."""
+        root = Path(self.config.overlay_dir or Path(self.context.state_dir) / "overlays")
+        path = root / camera / "latest.png"
+        return path if path.resolve().is_relative_to(root.resolve()) else None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        data = await asyncio.to_thread(generate_latest, self.context.registry)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        try:
+            daemon = self.context.status().get("daemon") or {}
+        except Exception as exc:
+            return _json({"status": "unhealthy", "reasons": [f"the daemon's status is unavailable: {exc}"]}, 503)
+        if daemon.get("healthy") is True:
+            return _json({"status": "ok"})
+        return _json({"status": "unhealthy", "reasons": _reasons(daemon)}, 503)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _load_assets() -> dict[str, str]:
+    folder = resources.files("appliance.daemon").joinpath("web")
+    try:
+        return {name: folder.joinpath(name).read_text(encoding="utf-8") for name in ASSETS}
+    except OSError as exc:
+        raise PublishError(f"the http output's page files are missing ({exc}): reinstall the package") from exc
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    where = f"http output cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{where}: the port is in use (another program, or a second daemon, holds it); stop that program "
+                "or set this output's port to a free one")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no interface of this machine has that address; set host to one that exists (or 0.0.0.0)"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges); use a port of 1024 or above"
+    return f"{where}: {exc.strerror or exc}; check host and port in this output's config"
+
+
+def _reasons(daemon: Mapping[str, Any]) -> list[str]:
+    """Why the daemon says it is unhealthy, as a list of strings, whatever shape the status gives."""
+    raw = daemon.get("unhealthy", daemon.get("reasons"))
+    if isinstance(raw, str) and raw:
+        return [raw]
+    if isinstance(raw, Mapping) and raw:
+        return [f"{k}: {v}" for k, v in raw.items()]
+    if isinstance(raw, list | tuple) and raw:
+        return [str(r) for r in raw]
+    if "healthy" not in daemon:
+        return ["the daemon's status has no health flag yet (still starting?)"]
+    return ["the daemon reports itself unhealthy"]
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Content-Security-Policy", _CSP)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(_jsonable(data), separators=(",", ":"), allow_nan=False), status=status,
+                        content_type="application/json", headers=_NO_STORE)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: NaN and infinities become ``null`` (browsers reject them), NumPy scalars numbers."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset | deque):
+        return [_jsonable(v) for v in value]
+    item = getattr(value, "item", None)  # NumPy scalars
+    if callable(item):
+        try:
+            return _jsonable(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def _num(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
