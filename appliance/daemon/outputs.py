@@ -47,7 +47,10 @@ class OutputWorker:
         self._thread.start()
 
     def put(self, inspection: Inspection) -> None:
-        """Queue a record; never blocks. When full, the oldest waiting record is dropped."""
+        """Queue a record; never blocks. When full, the oldest waiting record is dropped.
+
+        A durable output's record stays in its outbox: only its wake-up call is dropped then.
+        """
         dropped = None
         with self._cond:
             if len(self._queue) >= self._size:
@@ -55,7 +58,7 @@ class OutputWorker:
                 self.dropped += 1
             self._queue.append(inspection)
             self._cond.notify()
-        if dropped is not None:
+        if dropped is not None and not self.publisher.durable:
             self._report(dropped.id, self.name, "dropped", f"{self.name} queue full ({self._size})", time.time())
 
     def backlog(self) -> int:
@@ -86,6 +89,12 @@ class OutputWorker:
                     self._busy = False
 
     def _deliver(self, item: Inspection) -> None:
+        if self.publisher.durable:  # it sends from the outbox and reports its deliveries itself
+            try:
+                self.publisher.publish(item)
+            except Exception:  # the rows stay pending in the outbox: nothing is lost
+                log.exception("output %s: waking the sender failed", self.name)
+            return
         try:
             delivery = self.publisher.publish(item)
         except ApplianceError as exc:

@@ -79,7 +79,7 @@ class Daemon:
                             data={"version": __version__, "config": str(self.config_path), "pid": os.getpid()})
         self._overrides = self._load_overrides()
         context = OutputContext(state_dir=cfg.paths.state, status=self.status, registry=self.registry,
-                                loop=self.loop, trigger=self.trigger)
+                                loop=self.loop, trigger=self.trigger, control=self.handle, outbox=self.recorder)
         self.outputs = Outputs([create_publisher(o, context) for o in cfg.outputs], self._delivered)
         for camera in cfg.cameras:
             self._camera_overlay(camera)
@@ -129,7 +129,8 @@ class Daemon:
         if inspection.verdict == "error":
             log.warning("camera %s: inspection %s failed: %s", inspection.camera, inspection.id, inspection.error,
                         extra=extra)
-        self.recorder.record(inspection, self.outputs.names, then=committed)
+        outbox = {w.name: w.publisher.payload(inspection) for w in self.outputs.workers if w.publisher.durable}
+        self.recorder.record(inspection, self.outputs.names, outbox=outbox, then=committed)
 
     def _delivered(self, inspection_id: str, output: str, status: str, detail: str | None, at: float | None) -> None:
         self.recorder.delivered(inspection_id, output, status, detail, at)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,6 +55,12 @@ class OutputContext:
         registry: the Prometheus registry the daemon exports on ``/metrics``.
         loop: the daemon's asyncio loop, for outputs that are network servers.
         trigger: ``trigger(camera, trigger_id)`` asks the camera's pipeline for one frame.
+        control: ``await control(request)`` runs a control-socket request (``{"cmd": "threshold", ...}``,
+            ``reload``, ``trigger``, ``status``) and returns its result or raises ``ApplianceError``;
+            call it on ``loop``.
+        outbox: the audit database's durable outbox, for ``durable`` outputs: ``outbox.pending(output,
+            limit)`` lists undelivered rows oldest first (``id``, ``inspection_id``, ``payload``, ...),
+            ``outbox.delivered(inspection_id, output, status, detail, at)`` records how one ended.
 
     """
 
@@ -62,7 +68,9 @@ class OutputContext:
     status: Callable[[], dict[str, Any]]
     registry: CollectorRegistry
     loop: asyncio.AbstractEventLoop | None = None
-    trigger: Callable[[str, str | None], None] | None = None
+    trigger: Callable[[str, str | None], bool] | None = None
+    control: Callable[[dict[str, Any]], Awaitable[Any]] | None = None
+    outbox: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,6 +79,11 @@ class Publisher(ABC):
 
     type: ClassVar[str]
     Config: ClassVar[type[PublisherConfig]]
+    #: A durable output never loses a record: ``payload(record)`` is stored in the audit database's outbox
+    #: in the same transaction as the inspection, and the output sends from the outbox (in order, across
+    #: restarts and outages) and reports each delivery itself through ``context.outbox``. Its ``publish``
+    #: is then only a wake-up call ("new rows are committed") and its return value is not recorded.
+    durable: ClassVar[bool] = False
 
     def __init__(self, config: PublisherConfig, context: OutputContext) -> None:
         self.config = config
@@ -87,6 +100,10 @@ class Publisher(ABC):
     @abstractmethod
     def publish(self, inspection: Inspection) -> Delivery:
         """Deliver one record (on this output's worker thread); raise ``PublishError`` on failure."""
+
+    def payload(self, inspection: Inspection) -> str:
+        """Durable outputs: what to deliver for this record (stored in the outbox before anything is sent)."""
+        raise NotImplementedError(f"output {self.type} is not durable")
 
     def state(self) -> dict[str, Any]:
         """Output-specific status (e.g. ``{"connected": true}``), merged into the worker's counters."""
