@@ -30,6 +30,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 bundle_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and pack model bundles.")
 app.add_typer(bundle_app, name="bundle")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"anomaly-appliance {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="Print the version and exit.")] = False) -> None:
+    """Visual anomaly detection appliance: fit models, score images, evaluate, run the inspection daemon."""
+
 SAMPLE_DIR = Path(__file__).resolve().parent / "samples" / "ball_screw"
 #: OpenVINO's compiled-model cache for command-line runs (the daemon uses /var/cache/anomaly-appliance).
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anomaly-appliance"
