@@ -249,7 +249,7 @@ def predict(
         overlay_path = None
         if out_dir is not None:
             stem = Path(pred.frame.source).stem
-            amap = engine.anomaly_map(pred.score, frame_shape=pred.frame.image.shape[:2])
+            amap = engine.anomaly_map(pred.score, frame_shape=pred.frame.image.shape[:2], match_peak=True)
             d = pred.decision
             img = render_overlay(pred.frame.image, amap, score=d.score, threshold=d.threshold, verdict=d.verdict,
                                  model_id=pred.model_id)
@@ -390,7 +390,7 @@ def demo(
     typer.echo(f"[1/3] fitting {scorer} on {data}", err=True)
     fit(data=data, out=out / "bundle", scorer=scorer, size="256", tile=None, overlap=32, roi=None, valid_mask=None,
         white_level=None, interpolation="linear", resize="auto", setting=[], abnormal=None, masks=None, unknown=None,
-        calibration_fraction=0.15, target_frr=0.01, position_norm=True, precision="f32", threads=None,
+        calibration_fraction=0.2, target_frr=0.01, position_norm=True, precision="f32", threads=None,
         cache_dir=out / "cache", quiet=True)
     try:
         test = load_dataset(data).test

@@ -211,9 +211,19 @@ class Engine:
 
     # ------------------------------------------------------------ maps
     def anomaly_map(self, score: Score, *, normalised: bool = True, in_source: bool = True,
-                    frame_shape: tuple[int, int] | None = None) -> np.ndarray:
-        """Smoothed anomaly map of a score, in frame pixels (or working pixels), normalised or raw."""
+                    frame_shape: tuple[int, int] | None = None, match_peak: bool = False) -> np.ndarray:
+        """Smoothed anomaly map of a score, in frame pixels (or working pixels), normalised or raw.
+
+        ``match_peak`` (for display): the smoothing lowers a small defect's peak below the image
+        score, so an NG frame could show no region at or above the threshold. The map's excess over
+        its median is then stretched so that its peak equals the image score: same shape, and the
+        region the verdict comes from is always drawn. Metrics use the unstretched map.
+        """
         work = working_map(score.patch_map, self.spec.size)
+        if match_peak:
+            base, peak = float(np.median(work)), float(work.max())
+            if peak > base:
+                work = base + (work - base) * ((score.image_score - base) / (peak - base))
         if normalised and self.calibration is not None:
             work = self.calibration.normalise(work)
         if not in_source:

@@ -150,3 +150,18 @@ def test_a_live_source_gets_each_result_before_it_delivers_the_next_frame(bundle
     for frame, _, _ in engine.score_stream(live()):
         results.append(frame.seq)
     assert results == [0, 1, 2]
+
+
+def test_a_display_map_peaks_at_the_image_score(bundle: Path, frames, textures) -> None:
+    """An NG verdict always has a region at or above the threshold on the overlay (smoothing lowers small peaks)."""
+    engine = load_bundle(bundle)
+    image, _ = textures.blob(frames[0].image, (40, 30), radius=3)
+    pred = engine.predict(image)
+    shown = engine.anomaly_map(pred.score, match_peak=True)
+    plain = engine.anomaly_map(pred.score)
+    assert shown.max() == pytest.approx(pred.decision.score, abs=1e-4)
+    assert plain.max() < shown.max()  # the smoothed map alone would have shown less than the verdict's score
+    raw_shown = engine.anomaly_map(pred.score, normalised=False, match_peak=True)
+    raw_plain = engine.anomaly_map(pred.score, normalised=False)
+    assert raw_shown.max() == pytest.approx(pred.score.image_score, rel=1e-5)
+    assert np.argmax(raw_shown) == np.argmax(raw_plain)  # same shape: the peak stays where it was

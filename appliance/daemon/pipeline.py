@@ -257,7 +257,7 @@ class CameraPipeline:
             model_id=model_id, bank_hash=bank_hash, threshold=d.threshold, threshold_source=d.threshold_source,
             raw_score=float(score.image_score), score=float(d.score), verdict=verdict, latency_ms=latency,
             overlay_path=self._plan(job, verdict, inspection_id), image=image,
-            anomaly_map=LazyMap(lambda: engine.anomaly_map(score, frame_shape=image.shape[:2])))
+            anomaly_map=LazyMap(lambda: engine.anomaly_map(score, frame_shape=image.shape[:2], match_peak=True)))
         self._finish(record, job)
 
     def _emit_error(self, job: _Job, reason: str) -> None:

@@ -84,7 +84,7 @@ class PatchCoreConfig:
 
     """
 
-    coreset_ratio: float = 0.01
+    coreset_ratio: float = 0.1
     max_bank: int | None = None
     projection_dim: int = 32
     coreset_partitions: int = 16
