@@ -218,7 +218,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["patchcore", "padim"])
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
-    p.add_argument("--coreset-ratio", type=float, default=0.01)
+    p.add_argument("--coreset-ratio", type=float, default=0.1)
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-test", type=int, default=None)

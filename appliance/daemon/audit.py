@@ -199,14 +199,44 @@ class Recorder:
         """Queue an event row (``start``, ``reload``, ``camera_lost``, ...); ``data`` is stored as JSON."""
         self._put(_Event(event_row(kind, camera, detail, data)))
 
-    def pending(self, output: str, limit: int = 1000) -> list[dict[str, Any]]:
-        """The outbox of ``output``: its ``pending`` deliveries, oldest first, with their payloads."""
+    def pending(self, output: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:
+        """The outbox of ``output``: its ``pending`` deliveries (row ``id`` above ``after``), oldest first.
+
+        ``after`` lets a sender skip the rows it has already handed on and not yet reported.
+        """
         with self._read_lock:
             if self._reader is None:
                 self._reader = open_reader(self.path)
             return list(self._reader["deliveries"].rows_where(
-                "output = ? AND status = 'pending'", [output], order_by="id", limit=limit,
+                "output = ? AND status = 'pending' AND id > ?", [output, after], order_by="id", limit=limit,
                 select="id, inspection_id, output, payload, created_at, attempts"))
+
+    def pending_count(self, output: str) -> int:
+        """How many deliveries of ``output`` are still ``pending`` (committed ones: the outbox's backlog)."""
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = open_reader(self.path)
+            return self._reader.execute("SELECT count(*) FROM deliveries WHERE output = ? AND status = 'pending'",
+                                        [output]).fetchone()[0]
+
+    def drop_pending(self, output: str, keep: int, detail: str, after: int = 0, timeout: float = 30.0) -> int:
+        """Bound an outbox: mark the oldest ``pending`` rows of ``output`` (above ``after``) ``dropped``.
+
+        At most ``keep`` of them stay; returns how many were dropped. Runs on the writer thread.
+        """
+
+        def drop(db: Database) -> int:
+            where = "output = ? AND status = 'pending' AND id > ?"
+            with db.atomic():
+                excess = db.execute(f"SELECT count(*) FROM deliveries WHERE {where}",
+                                    [output, after]).fetchone()[0] - keep
+                if excess <= 0:
+                    return 0
+                return db.execute(f"UPDATE deliveries SET status = 'dropped', delivered_at = ?, detail = ? "
+                                  f"WHERE id IN (SELECT id FROM deliveries WHERE {where} ORDER BY id LIMIT ?)",
+                                  [time.time(), detail, output, after, excess]).rowcount
+
+        return self.on_writer(drop, timeout)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued before this call is committed (or in the backlog); a no-op once closed."""

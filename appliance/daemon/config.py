@@ -121,6 +121,17 @@ class Camera(_Strict):
     queue: int = Field(4, ge=1, le=256, description="frames waiting for inference; when full the oldest is "
                                                     "dropped and counted")
     enabled: bool = Field(True, description="inspect this camera")
+    slots: dict[str, Path] = Field(default_factory=dict, description="bundle slots a PLC or the control socket "
+                                                                      "may switch to ('bundle' command): slot "
+                                                                      "number -> bundle path")
+
+    @field_validator("slots")
+    @classmethod
+    def _slots(cls, value: dict[str, Path]) -> dict[str, Path]:
+        bad = [k for k in value if not (k.isdecimal() and 1 <= int(k) <= 65534)]
+        if bad:
+            raise ValueError(f"slot names must be numbers 1-65534, got {bad}")
+        return value
 
     @field_validator("id")
     @classmethod

@@ -71,7 +71,8 @@ class OutputWorker:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started when the daemon's start-up failed
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:

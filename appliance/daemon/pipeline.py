@@ -90,6 +90,8 @@ class CameraPipeline:
         self._emit_lock = threading.Lock()
         self._stall = threading.Event()  # fault injection (tests): hold the inference thread
         self.stats = CameraStats(camera.id)
+        self.enabled = True  # False (``enable`` command): triggers refused, free-run frames not inspected
+        self.skipped_disabled = 0
         self.heartbeat = time.monotonic()  # stamped by every turn of the inference thread
         self.last_result_at = time.monotonic()
         self.capture = CaptureLoop(camera.id, camera.source, mode="trigger" if camera.trigger.mode == "external"
@@ -141,6 +143,9 @@ class CameraPipeline:
 
     # ------------------------------------------------------------ capture thread
     def _captured(self, item: Captured, trigger_id: str | None) -> None:
+        if not self.enabled and trigger_id is None:  # a hot-folder file stays handed out until a restart
+            self.skipped_disabled += 1
+            return
         now = time.time()
         captured_at = item.frame.timestamp if item.frame is not None else now
         job = _Job(item, trigger_id, captured_at, time.monotonic())
@@ -302,7 +307,8 @@ class CameraPipeline:
         return {**self.stats.snapshot(), "state": self.capture.state, "state_detail": self.capture.state_detail,
                 "queue_depth": self.queue_depth(), "in_engine": self._in_engine, "trigger": self.camera.trigger.mode,
                 "source": self.capture.source.describe(), "reconnects": self.capture.reconnects,
-                "trigger_overruns": self.capture.trigger_overruns,
+                "trigger_overruns": self.capture.trigger_overruns, "enabled": self.enabled,
+                "skipped_disabled": self.skipped_disabled,
                 "bundle": {"model_id": model_id, "bank_hash": bank_hash,
                            "path": str(self.engine.bundle_path) if self.engine.bundle_path else None}}
 

@@ -204,7 +204,42 @@ class Daemon:
             raise ConfigError(f"no running camera {camera!r}; running: {sorted(self.pipelines)}")
         if pipeline.camera.trigger.mode != "external":
             raise ConfigError(f"camera {camera!r} is free-running; set trigger.mode = \"external\" to trigger it")
+        if not pipeline.enabled:
+            raise ConfigError(f"camera {camera!r} is disabled; enable it first ('enable' command)")
         return pipeline.trigger(trigger_id)
+
+    def set_enabled(self, camera: str, enabled: bool, who: str = "operator") -> dict[str, Any]:
+        """Turn a running camera's inspection on or off (not persisted: a restart inspects again); audited."""
+        pipeline = self._running(camera)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"enabled must be true or false, got {enabled!r}")
+        before, pipeline.enabled = pipeline.enabled, enabled
+        if before != enabled:
+            self.recorder.event("camera_enabled" if enabled else "camera_disabled", camera, f"by {who}",
+                                {"enabled": enabled, "who": who})
+        return {"camera": camera, "enabled": enabled}
+
+    async def select_bundle(self, camera: str, slot: Any, who: str = "operator") -> dict[str, Any]:
+        """Hot-swap a camera to the bundle of one of its ``slots`` (frames in flight finish on the old one)."""
+        pipeline = self._running(camera)
+        slots = pipeline.camera.slots
+        if str(slot) not in slots:
+            raise ConfigError(f"camera {camera!r} has no bundle slot {slot!r}; configured: {sorted(slots) or 'none'}")
+        bundle = slots[str(slot)]
+        cam = pipeline.camera.model_copy(update={"bundle": bundle})
+        engine = await asyncio.get_running_loop().run_in_executor(None, self._load_engine, cam)
+        before = pipeline.engine.model_id
+        pipeline.swap_engine(engine)
+        self.recorder.event("bundle_selected", camera, f"slot {slot}: {before} -> {engine.model_id} by {who}",
+                            {"slot": str(slot), "bundle": str(bundle), "before": before, "after": engine.model_id,
+                             "who": who})
+        return {"camera": camera, "slot": str(slot), "model_id": engine.model_id}
+
+    def _running(self, camera: str) -> CameraPipeline:
+        pipeline = self.pipelines.get(camera)
+        if pipeline is None:
+            raise ConfigError(f"no running camera {camera!r}; running: {sorted(self.pipelines)}")
+        return pipeline
 
     async def handle(self, request: dict[str, Any]) -> Any:
         """A control-socket request."""
@@ -222,10 +257,16 @@ class Daemon:
         if cmd == "trigger":
             accepted = self.trigger(str(request.get("camera")), request.get("id"))
             return {"accepted": accepted}
+        if cmd == "enable":
+            return self.set_enabled(str(request.get("camera")), request.get("enabled"),
+                                    str(request.get("who", "operator")))
+        if cmd == "bundle":
+            return await self.select_bundle(str(request.get("camera")), request.get("slot"),
+                                            str(request.get("who", "operator")))
         if cmd == "stall" and self.fault_injection:
             self.pipelines[str(request.get("camera"))].stall(float(request.get("seconds", 30)))
             return {"stalled": request.get("camera")}
-        raise ConfigError(f"unknown command {cmd!r}; known: status, reload, threshold, trigger")
+        raise ConfigError(f"unknown command {cmd!r}; known: status, reload, threshold, trigger, enable, bundle")
 
     # ------------------------------------------------------------ status and health
     def health(self) -> tuple[bool, list[str]]:
@@ -332,7 +373,11 @@ class Daemon:
         """Start everything, tell systemd, serve until SIGTERM/SIGINT, then drain and stop."""
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        await self.loop.run_in_executor(None, self.prepare)
+        try:
+            await self.loop.run_in_executor(None, self.prepare)
+        except BaseException as exc:
+            await self.loop.run_in_executor(None, self._start_failed, exc)
+            raise
         cfg = self.config.control
         self.control = ControlServer(cfg.socket, self.handle, cfg.mode, cfg.group)
         try:
@@ -347,6 +392,18 @@ class Daemon:
             await self._serve()
         finally:
             await self._shutdown()
+
+    def _start_failed(self, exc: BaseException) -> None:
+        """A start-up that failed (a missing bundle, a port in use): audit why, release what was opened."""
+        log.error("start-up failed: %s", exc)
+        for pipeline in self.pipelines.values():
+            pipeline.engine.close()
+        if self.outputs is not None:
+            with contextlib.suppress(Exception):
+                self.outputs.close(timeout=2.0)
+        if self.recorder is not None:
+            self.recorder.event("start_failed", detail=str(exc) or type(exc).__name__)
+            self.recorder.close()
 
     async def _serve(self) -> None:
         interval = self.watchdog.interval or 1.0

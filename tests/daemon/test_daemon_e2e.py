@@ -178,6 +178,17 @@ def test_a_bad_config_exits_non_zero_naming_the_key(tmp_path, sample_bundle):
     assert not (tmp_path / "state" / "audit.db").exists()
 
 
+def test_a_missing_bundle_stops_the_start_up_with_its_path_and_an_audit_event(tmp_path, daemon_cache):
+    cfg = write_config(tmp_path / "config.toml",
+                       [camera("line1", tmp_path / "no-such-bundle", {"type": "replay", "path": str(tmp_path)})],
+                       outputs=[{"type": "overlay"}], cache=daemon_cache)
+    done = subprocess.run([str(APPLIANCE), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "no-such-bundle" in done.stderr
+    failed = events(tmp_path / "state" / "audit.db", "start_failed")
+    assert len(failed) == 1 and "no-such-bundle" in failed[0]["detail"]
+
+
 def test_triggers_thresholds_reload_and_drain(tmp_path, sample_bundle, daemon_cache, daemons):
     folder = replay_folder(tmp_path / "replay", sample_images())
     cam = camera("line1", sample_bundle, {"type": "replay", "path": str(folder), "loop": True},

@@ -335,3 +335,18 @@ def test_a_record_without_pixels_or_map_is_refused(tmp_path):
     with pytest.raises(PublishError, match="camera id"):
         out.publish(record("ng", camera="../escape"))
     assert overlay_files(tmp_path) == []
+
+
+def test_ok_overlays_are_rate_limited_but_ng_and_errors_never(tmp_path):
+    from appliance.daemon.publishers.overlay import OverlayConfig, OverlayPublisher
+
+    pub = OverlayPublisher(OverlayConfig(ok_per_s=2.0),
+                           OutputContext(state_dir=tmp_path, status=dict, registry=CollectorRegistry()))
+    pub.start()
+    t0 = 1_780_000_000.0
+    planned = {(t, v): pub.plan(f"id{i}", "cam", t0 + t, v)
+               for i, (t, v) in enumerate([(0.0, "ok"), (0.1, "ok"), (0.2, "ng"), (0.3, "error"), (0.45, "ok"),
+                                           (0.5, "ok"), (0.6, "ok")])}
+    drawn_ok = [t for (t, v), path in planned.items() if v == "ok" and path is not None]
+    assert drawn_ok == [0.0, 0.5]  # at most one OK per 1/2 s, counted from the last one drawn
+    assert planned[(0.2, "ng")] is not None and planned[(0.3, "error")] is not None

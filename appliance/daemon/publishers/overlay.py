@@ -50,6 +50,10 @@ class OverlayConfig(PublisherConfig):
     height: int = Field(600, ge=64, le=8192, description="HMI panel height in pixels")
     only_ng: bool = Field(False, description="keep files only for NG and error inspections (latest.png still "
                                              "shows every part)")
+    ok_per_s: float = Field(0.0, ge=0, description="OK inspections drawn at most this often per camera and second "
+                                                   "(their files and latest.png); NG and error ones always. "
+                                                   "Drawing a PNG costs tens of ms of CPU: at line rate, 1-5 keeps "
+                                                   "the panel live and the cores for inspection. 0: every one")
     keep: int = Field(2000, ge=1, description="most overlay files kept per camera; the oldest are deleted first")
     max_mb: float = Field(1024, gt=0, description="disk budget per camera in MiB; the oldest files are deleted "
                                                   "first (the newest is always kept)")
@@ -280,6 +284,9 @@ class OverlayPublisher(Publisher):
         self.root = overlay_root(config, context.state_dir)
         self._retained: dict[str, _Retained] = {}
         self._per_camera: dict[str, dict[str, Any]] = {}  # per-camera overrides: enabled, only_ng, keep, max_mb
+        # When each camera's last OK overlay was planned (pipeline thread) and drawn (this output's thread).
+        self._ok_planned: dict[str, float] = {}
+        self._ok_drawn: dict[str, float] = {}
 
     def set_camera_options(self, camera: str, **options: Any) -> None:
         """Override ``only_ng``, ``keep`` and ``max_mb`` for one camera, or turn its files off (``enabled=False``)."""
@@ -295,8 +302,16 @@ class OverlayPublisher(Publisher):
     def plan(self, inspection_id: str, camera: str, captured_at: float, verdict: str) -> Path | None:
         """Where this inspection's file will be written, or ``None`` (see ``planned_path``)."""
         cfg = self.effective(camera)
-        return None if cfg is None else planned_path(cfg, self.context.state_dir, inspection_id, camera, captured_at,
-                                                     verdict)
+        if cfg is None or (verdict == OK and not _due(self._ok_planned, camera, captured_at, cfg.ok_per_s)):
+            return None
+        return planned_path(cfg, self.context.state_dir, inspection_id, camera, captured_at, verdict)
+
+    def _unplanned(self, rec: Inspection) -> Path | None:
+        """The file of a record the pipeline did not plan (no ``overlay_path``); rate-limited OK ones get none."""
+        cfg = self.effective(rec.camera)
+        if cfg is None or (rec.verdict == OK and cfg.ok_per_s):
+            return None
+        return planned_path(cfg, self.context.state_dir, rec.id, rec.camera, rec.captured_at, rec.verdict)
 
     def start(self) -> None:
         """Create the folder, index every camera's files and apply retention (``keep`` may have been lowered)."""
@@ -311,11 +326,14 @@ class OverlayPublisher(Publisher):
         """Draw, write and file one record's overlay; ``PublishError`` if it cannot be drawn or written."""
         rec = inspection
         try:
-            target = Path(rec.overlay_path) if rec.overlay_path else self.plan(rec.id, rec.camera, rec.captured_at,
-                                                                                 rec.verdict)
+            target = Path(rec.overlay_path) if rec.overlay_path else self._unplanned(rec)
             latest = self.root / _file_name(rec.camera, "camera id") / LATEST
         except ConfigError as exc:
             raise PublishError(f"overlay of inspection {rec.id}: {exc}") from exc
+        cfg = self.effective(rec.camera) or self.cfg
+        if target is None and rec.verdict == OK and not _due(self._ok_drawn, rec.camera, rec.captured_at,
+                                                              cfg.ok_per_s):
+            return Delivery("skipped", detail=f"OK overlays at most {cfg.ok_per_s:g} per second")
         card, metadata = self._draw(rec), record_metadata(rec)
 
         current = target or latest
@@ -380,6 +398,14 @@ class OverlayPublisher(Publisher):
                                  verdict=_DISPLAY_VERDICT[rec.verdict], model_id=rec.model_id or "unknown")
         except (ValueError, ApplianceError) as exc:
             raise PublishError(f"overlay of inspection {rec.id} cannot be drawn: {exc}") from exc
+
+
+def _due(last: dict[str, float], camera: str, when: float, per_s: float) -> bool:
+    """Whether an OK overlay of ``camera`` captured at ``when`` is due under ``per_s`` (and note it if so)."""
+    if per_s and when - last.get(camera, float("-inf")) < 1.0 / per_s:
+        return False
+    last[camera] = when
+    return True
 
 
 def _os_message(exc: OSError, path: Path) -> str:

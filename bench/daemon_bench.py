@@ -1,0 +1,222 @@
+"""The daemon's sustained throughput and frame-to-result latency, beside the bare engine in the same run.
+
+    .venv/bin/python bench/daemon_bench.py --data ../shared/data/bsdata/ball_screw --out bench/results/daemon \
+        [--scorers padim,patchcore] [--size 256x624] [--seconds 40] [--fps 25]
+
+For each scorer it fits a bundle at the working size (once; reused from ``--out``), then measures:
+
+- **bare engine**: ``Engine.predict_stream`` over the test images, as fast as it goes (2 streams),
+  in this process: the ceiling the daemon is compared with;
+- **daemon, 1 and 2 cameras at ``--fps``**: ``appliance run`` as a subprocess, replay sources
+  (looping over the same images) paced at ``--fps`` each, every output on (overlay PNG at
+  1024x600 with EXIF for every NG and two OK parts a second per camera, as the example config
+  ships (``ok_per_s``), HTTP live page, SQLite audit with ``synchronous=FULL``, plus MQTT /
+  Modbus when those outputs are installed and ``--plc`` is given); rates and drops from the
+  daemon's own status, latency (capture to verdict) from the audit rows of the steady window;
+- **daemon, 1 camera unpaced**: the most the daemon sustains, so its overhead over the bare
+  engine is ``1 - daemon fps / bare fps`` on the same frames.
+
+Everything is measured on the machine it runs on (described in the report); nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import describe, one_line  # noqa: E402
+
+APPLIANCE = Path(sys.executable).parent / "appliance"
+
+
+def fit_bundle(data: Path, out: Path, scorer: str, size: str, cache: Path) -> tuple[Path, float]:
+    """A bundle fitted with the CLI's defaults at ``size`` (reused if already there)."""
+    bundle = out / f"bundle_{scorer}_{size}"
+    if (bundle / "manifest.json").exists():
+        return bundle, float("nan")
+    t0 = time.perf_counter()
+    subprocess.run([str(APPLIANCE), "fit", str(data), "--out", str(bundle), "--scorer", scorer, "--size", size,
+                    "--resize", "stretch", "--cache-dir", str(cache / "openvino"), "-q"], check=True,
+                   env=dict(os.environ, NUMBA_CACHE_DIR=str(cache / "numba")))
+    return bundle, time.perf_counter() - t0
+
+
+def test_images(data: Path, limit: int) -> list[Path]:
+    files = sorted(p for p in (data / "test").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    step = max(1, len(files) // limit)
+    return files[::step][:limit]
+
+
+def bare_engine(bundle: Path, images: list[Path], frames: int, cache: Path) -> dict:
+    """``predict_stream`` throughput on decoded frames (decoding excluded, as the daemon's capture does it)."""
+    from appliance.bundle import load_bundle
+    from appliance.imaging import read_image
+    from appliance.types import Frame
+
+    engine = load_bundle(bundle, streams=2, cache_dir=cache / "openvino")
+    pixels = [read_image(p) for p in images]
+    stream = (Frame(image=pixels[i % len(pixels)], seq=i) for i in range(frames))
+    list(engine.predict_stream(Frame(image=pixels[i], seq=i) for i in range(min(4, len(pixels)))))  # warm-up
+    t0 = time.perf_counter()
+    n = sum(1 for _ in engine.predict_stream(stream))
+    seconds = time.perf_counter() - t0
+    engine.close()
+    return {"frames": n, "seconds": round(seconds, 2), "fps": round(n / seconds, 2)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def write_config(root: Path, bundle: Path, replay: Path, cameras: int, fps: float | None, cache: Path,
+                 plc: bool) -> Path:
+    lines = ['timezone = "UTC"', "", "[paths]", f'state = "{root / "state"}"', f'cache = "{cache}"', "",
+             "[control]", f'socket = "{root / "control.sock"}"', "", "[runtime]", "streams = 2", "",
+             "[[outputs]]", 'type = "overlay"', "width = 1024", "height = 600", "ok_per_s = 2", "",
+             "[[outputs]]", 'type = "http"', f"port = {free_port()}", ""]
+    if plc:
+        lines += ["[[outputs]]", 'type = "mqtt"', 'host = "127.0.0.1"', f"port = {os.environ['BENCH_MQTT_PORT']}", "",
+                  "[[outputs]]", 'type = "modbus"', f"port = {free_port()}", ""]
+    for i in range(cameras):
+        lines += ["[[cameras]]", f'id = "cam{i + 1}"', f'bundle = "{bundle}"', "queue = 4", "", "[cameras.source]",
+                  'type = "replay"', f'path = "{replay}"', "loop = true"]
+        if fps:
+            lines.append(f"fps = {toml_value(fps)}")
+        lines.append("")
+    path = root / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def request(sock: Path, payload: dict) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(sock))
+        s.sendall((json.dumps(payload) + "\n").encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)["result"]
+
+
+def run_daemon(root: Path, bundle: Path, replay: Path, cameras: int, fps: float | None, seconds: float,
+               cache: Path, plc: bool) -> dict:
+    """Start the daemon, let it settle, measure a steady window of ``seconds``, stop it."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    cfg = write_config(root, bundle, replay, cameras, fps, cache, plc)
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(APPLIANCE), "run", "--config", str(cfg), "--log-level", "WARNING"],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, NUMBA_CACHE_DIR=str(cache / "numba")))
+    sock = root / "control.sock"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {(root / 'daemon.log').read_text()[-2000:]}")
+            try:
+                request(sock, {"cmd": "status"})
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        time.sleep(5.0)  # settle: warm caches, fill the pipeline
+        before = request(sock, {"cmd": "status"})
+        t0 = time.time()
+        time.sleep(seconds)
+        after = request(sock, {"cmd": "status"})
+        t1 = time.time()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        log.close()
+    conn = sqlite3.connect(root / "state" / "audit.db")
+    rows = conn.execute("SELECT camera, captured_at, finished_at, verdict FROM inspections "
+                        "WHERE captured_at >= ? AND captured_at < ?", [t0, t1]).fetchall()
+    conn.close()
+    latency = np.array([(f - c) * 1000 for _, c, f, _ in rows])
+    per_camera = {}
+    for cam, b in before["cameras"].items():
+        a = after["cameras"][cam]
+        done = sum(a["counts"].values()) - sum(b["counts"].values())
+        per_camera[cam] = {"fps": round(done / (t1 - t0), 2), "drops": a["drops"] - b["drops"],
+                           "errors": a["counts"].get("error", 0) - b["counts"].get("error", 0)}
+    outputs = {k: {"state": v.get("state"), "backlog": v.get("backlog", v.get("queued")),
+                   "dropped": v.get("dropped")} for k, v in after["outputs"].items()}
+    return {"cameras": cameras, "paced_fps": fps, "window_s": round(t1 - t0, 1), "per_camera": per_camera,
+            "total_fps": round(sum(c["fps"] for c in per_camera.values()), 2),
+            "drops": sum(c["drops"] for c in per_camera.values()),
+            "latency_ms": {"p50": round(float(np.percentile(latency, 50)), 1) if len(latency) else None,
+                           "p99": round(float(np.percentile(latency, 99)), 1) if len(latency) else None,
+                           "n": len(latency)},
+            "outputs": outputs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="MVTec category folder (train/good, test/...)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "daemon")
+    ap.add_argument("--scorers", default="padim,patchcore")
+    ap.add_argument("--size", default="256x624")
+    ap.add_argument("--seconds", type=float, default=40.0, help="steady measuring window per daemon run")
+    ap.add_argument("--fps", type=float, default=25.0, help="paced rate per camera")
+    ap.add_argument("--images", type=int, default=60, help="test images replayed (looping)")
+    ap.add_argument("--plc", action="store_true", help="also MQTT (BENCH_MQTT_PORT) and Modbus outputs")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / "cache"
+    images = test_images(args.data, args.images)
+    replay = args.out / "replay"
+    if replay.exists():
+        shutil.rmtree(replay)
+    replay.mkdir()
+    for i, p in enumerate(images):
+        shutil.copy(p, replay / f"{i:04d}{p.suffix.lower()}")
+    report = {"machine": describe(), "data": str(args.data), "size": args.size, "images": len(images), "runs": {}}
+    print(one_line(report["machine"]))
+    for scorer in args.scorers.split(","):
+        bundle, fit_s = fit_bundle(args.data, args.out, scorer, args.size, cache)
+        bare = bare_engine(bundle, images, max(200, int(args.seconds * 10)), cache)
+        print(f"{scorer}: bare engine predict_stream {bare['fps']} fps")
+        runs = {"fit_seconds": round(fit_s, 1), "bare_engine": bare}
+        for cameras, fps in ((1, args.fps), (2, args.fps), (1, None)):
+            name = f"daemon_{cameras}cam_{'unpaced' if fps is None else f'{fps:g}fps'}"
+            result = run_daemon(args.out / name, bundle, replay, cameras, fps, args.seconds, cache, args.plc)
+            if fps is None:
+                result["overhead_vs_bare"] = round(1 - result["total_fps"] / bare["fps"], 3)
+            runs[name] = result
+            print(f"{scorer} {name}: {result['total_fps']} fps total, drops {result['drops']}, latency p50 "
+                  f"{result['latency_ms']['p50']} ms p99 {result['latency_ms']['p99']} ms"
+                  + (f", overhead vs bare {result['overhead_vs_bare']:.1%}" if fps is None else ""))
+        report["runs"][scorer] = runs
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {args.out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""End to end: the real daemon, an externally triggered replay camera, a pymodbus client as the PLC."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, audit_rows, camera, replay_folder, write_config
+from pymodbus.client import ModbusTcpClient
+from pymodbus.exceptions import ModbusException
+
+from appliance.daemon import modbus_map as mm
+
+S = mm.Status
+EN = mm.TRIGGER_ENABLE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status_of(plc: ModbusTcpClient, unit: int) -> list[int]:
+    answer = plc.read_input_registers(0, count=mm.IR_COUNT, device_id=unit)
+    assert not answer.isError(), answer
+    return answer.registers
+
+
+def wait_bits(plc: ModbusTcpClient, unit: int, on: int = 0, off: int = 0, timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        regs = status_of(plc, unit)
+        if regs[0] & on == on and not regs[0] & off:
+            return regs
+        assert time.monotonic() < deadline, f"unit {unit} status {regs[0]:#06x}: wanted on {on:#x} off {off:#x}"
+        time.sleep(0.005)
+
+
+def run_trigger(plc: ModbusTcpClient, unit: int) -> tuple[int, int, int, float]:
+    """One full handshake; returns (TriggerID, ResultID, verdict code, score)."""
+    plc.write_register(mm.HR_CONTROL, EN | mm.TRIGGER, device_id=unit)
+    trigger_id = wait_bits(plc, unit, on=S.TRIGGER_ACK)[mm.IR_TRIGGER_ID]
+    plc.write_register(mm.HR_CONTROL, EN, device_id=unit)
+    regs = wait_bits(plc, unit, on=S.RESULT_VALID)
+    score = struct.unpack(">f", struct.pack(">HH", regs[mm.IR_SCORE_HI], regs[mm.IR_SCORE_LO]))[0]
+    plc.write_register(mm.HR_CONTROL, EN | mm.RESULT_ACK, device_id=unit)
+    wait_bits(plc, unit, off=S.RESULT_VALID)
+    plc.write_register(mm.HR_CONTROL, EN, device_id=unit)
+    return trigger_id, regs[mm.IR_RESULT_ID], regs[mm.IR_VERDICT], score
+
+
+@pytest.mark.slow
+def test_plc_triggers_get_their_results_in_order_and_ready_dies_with_the_daemon(
+        tmp_path: Path, sample_bundle: Path, daemon_cache: Path, daemons: list[Daemon]) -> None:
+    port = free_port()
+    replay = {"type": "replay", "path": str(replay_folder(tmp_path / "replay")), "fps": 50, "loop": True}
+    cams = [camera(cam, sample_bundle, replay, trigger={"mode": "external"}) for cam in ("left", "right")]
+    config = write_config(tmp_path / "config.toml", cams, cache=daemon_cache,
+                          outputs=[{"type": "modbus", "port": port, "cameras": {"left": 1, "right": 2}}])
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    daemon.wait_ready()
+    plc = ModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)
+    assert plc.connect()
+    for unit in (1, 2):
+        wait_bits(plc, unit, on=S.READY | S.MODEL_LOADED)
+        plc.write_register(mm.HR_CONTROL, EN, device_id=unit)
+    seen: dict[str, list[tuple[int, int, int, float]]] = {"left": [], "right": []}
+    for _ in range(4):
+        for cam, unit in (("left", 1), ("right", 2)):
+            seen[cam].append(run_trigger(plc, unit))
+    for cam, results in seen.items():
+        rows = audit_rows(daemon.db, where=f"camera = '{cam}'")
+        assert [r["trigger_id"] for r in rows] == [str(i) for i in range(1, 5)]
+        codes = {"ok": 1, "ng": 2, "error": 3}
+        for (trigger_id, result_id, verdict, score), row in zip(results, rows, strict=True):
+            assert result_id == trigger_id == int(row["trigger_id"])
+            assert verdict == codes[row["verdict"]] and abs(score - row["score"]) < 1e-6
+    assert daemon.status()["outputs"]["modbus"]["requests"] > 40
+    daemon.kill()
+    plc.close()
+    with pytest.raises((ModbusException, ConnectionError, AssertionError)):
+        assert plc.connect(), "refused"
+        plc.read_input_registers(0, count=1, device_id=1)
