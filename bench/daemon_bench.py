@@ -99,8 +99,7 @@ def write_config(root: Path, bundle: Path, replay: Path, cameras: int, fps: floa
     for i in range(cameras):
         lines += ["[[cameras]]", f'id = "cam{i + 1}"', f'bundle = "{bundle}"', "queue = 4", "", "[cameras.source]",
                   'type = "replay"', f'path = "{replay}"', "loop = true"]
-        if fps:
-            lines.append(f"fps = {toml_value(fps)}")
+        lines.append(f"fps = {toml_value(fps or 1000.0)}")  # unpaced: the replay's own cap far above the engine
         lines.append("")
     path = root / "config.toml"
     path.write_text("\n".join(lines))

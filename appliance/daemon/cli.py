@@ -162,6 +162,7 @@ def doctor(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
     from .doctor import run_checks
 
     cfg = _load(config)
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cfg.paths.cache / "numba"))  # as `run` does: never beside the code
     checks = run_checks(cfg, golden=golden)
     failed = [c for c in checks if c["status"] == "fail"]
     text = "\n".join(f"{c['status'].upper():<4}  {c['check']}: {c['detail']}" for c in checks)

@@ -94,3 +94,4 @@ def setup_logging(level: str = "INFO") -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded, at every start
