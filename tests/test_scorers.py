@@ -195,8 +195,9 @@ def test_reweighting_keeps_the_score_positive_and_not_above_the_maximum(patchcor
 
 
 @pytest.mark.parametrize("kind", ["patchcore", "padim"])
-def test_patch_scores_for_statistics_are_the_scores_maps_up_to_the_certified_maximum(
+def test_patch_scores_for_statistics_are_every_patchs_own_distance(
         request: pytest.FixtureRequest, case: Case, kind: str) -> None:
+    """Statistics need each patch's true score: bounds loose at some positions would mis-scale the norm."""
     scorer = request.getfixturevalue(kind)
     for f in [*case.good, *(f for _, f, _ in case.defects)]:
         stats, (patches, _) = scorer.patch_scores(f), scorer.score(f)
@@ -205,11 +206,11 @@ def test_patch_scores_for_statistics_are_the_scores_maps_up_to_the_certified_max
             np.testing.assert_array_equal(stats, patches)
             continue
         exact = clone(scorer, candidates="none").score(f)[0]
-        assert (stats >= exact - 1e-4).all()  # upper bounds everywhere ...
-        assert (stats >= patches - 1e-6).all()  # ... that the certified search only tightens
-        assert (stats == patches).mean() > 0.9  # where it needed to: around the maximum
-        top = np.unravel_index(int(np.argmax(patches)), patches.shape)
-        assert patches[top] == pytest.approx(exact[top], rel=1e-5)
+        tol = 1e-3 * float(exact.max())  # HNSW's fp16 codes round distances
+        assert (stats >= exact - tol).all()
+        assert np.mean(np.abs(stats - exact) <= tol) > 0.99
+        bounds = scorer._distances(scorer.nearest(f, certify=False)[0], f.shape)
+        assert (stats <= bounds + tol).all()  # the refinement only tightens the shortlist bounds
 
 
 def test_patchcore_warm_up_runs_every_stage_but_certifies_at_once(patchcore: PatchCore, case: Case) -> None:

@@ -70,8 +70,9 @@ class Scorer(ABC):
     def patch_scores(self, features: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Raw patch scores ``[T, h, w]`` for statistics over many images (the position norm's).
 
-        Like ``score(features, None, valid)[0]``, but a scorer that bounds its patch scores may skip
-        making the maximum exact: statistics are taken at every position, not at an image's maximum.
+        Like ``score(features, None, valid)[0]``: every patch's own score as scoring would find it (a
+        scorer that bounds its patch scores must tighten them all, not only the maximum); it may skip
+        certifying the maximum, since statistics are taken at every position.
         """
         return self.score(features, None, valid)[0]
 

@@ -399,14 +399,22 @@ class PatchCore(Scorer):
         d2[rows[better]], nn[rows[better]] = ed2[better, 0], enn[better, 0]
 
     def patch_scores(self, features: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Patch NN distances from the shortlists and graph steps alone: upper bounds, none certified.
+        """Every patch's NN distance, for the per-position statistics: shortlist bounds refined by HNSW.
 
-        As every patch but the top one of a scored image is (on a tiled ball-screw fit, raw
-        calibration scoring took 27 ms per image, most of it certifying a maximum nobody used).
+        The shortlist bounds alone overestimate unevenly across positions (loose where a position's
+        shortlist misses a texture), and statistics taken from them mis-scale the position norm: on
+        the solar-cell data, 0.892 image AUROC against 0.910 with exhaustive distances. HNSW finds
+        the nearest bank row for nearly every patch at a fraction of an exhaustive search's cost;
+        no maximum is certified (nobody uses it here).
         """
         mask = frame_mask(self.valid, valid)
-        d2, _ = self.nearest(features, certify=False, valid=mask)
-        return self._distances(d2, features.shape, mask)
+        d2, nn = self.nearest(features, certify=False, valid=mask)
+        if self.config.candidates != "none":
+            t, c, h, w = features.shape
+            x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
+            rows = np.arange(d2.shape[0]) if mask is None else np.flatnonzero(mask.reshape(-1))
+            self._search(self.hnsw, x, rows, d2, nn)
+        return self._distances(np.maximum(d2, 0), features.shape, mask)
 
     def _distances(self, d2: np.ndarray, shape: tuple[int, ...], mask: np.ndarray | None = None) -> np.ndarray:
         """``[T, h, w]`` patch distances from squared ones, zero outside ``mask`` (default: the valid area)."""
