@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
+#: Tests that need the real broker: skipped, with the reason, where Debian's mosquitto is not installed.
+needs_mosquitto = pytest.mark.skipif(not MOSQUITTO.exists(), reason="needs Debian's mosquitto at /usr/sbin/mosquitto "
+                                                                     "(apt-get install mosquitto; CI installs it)")
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from mqtt_broker import Subscriber, free_port, running_broker, wait_until
+from mqtt_broker import Subscriber, free_port, needs_mosquitto, running_broker, wait_until
 from prometheus_client import CollectorRegistry
 
 from appliance.daemon.audit import Recorder
@@ -27,6 +27,8 @@ from appliance.errors import ConfigError
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "schemas" / "inspection-result.v1.json").read_text())
 CAMERAS = ("cam1", "cam2")
+
+pytestmark = needs_mosquitto
 
 
 def inspection(camera: str = "cam1", seq: int = 0, verdict: str = "ok", **extra: Any) -> Inspection:

@@ -14,9 +14,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 from conftest import Daemon, audit_rows, camera, replay_folder, sample_images, write_config
-from mqtt_broker import Broker, Subscriber, first_seen, running_broker
+from mqtt_broker import Broker, Subscriber, first_seen, needs_mosquitto, running_broker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_mosquitto]
 SCHEMA = json.loads((Path(__file__).parents[2] / "schemas" / "inspection-result.v1.json").read_text())
 OUTAGE_S = float(os.environ.get("MQTT_OUTAGE_S", "20"))
 
