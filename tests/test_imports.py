@@ -9,7 +9,8 @@ import pytest
 
 RUNTIME = ["appliance.cli", "appliance.bundle", "appliance.engine", "appliance.training", "appliance.evaluation"]
 DAEMON = ["appliance.daemon.records", "appliance.daemon.sources", "appliance.daemon.publishers",
-          "appliance.daemon.capture", "appliance.daemon.audit", "appliance.daemon.thresholds"]
+          "appliance.daemon.capture", "appliance.daemon.audit", "appliance.daemon.thresholds",
+          "appliance.daemon.service", "appliance.daemon.cli", "appliance.daemon.doctor"]
 
 
 @pytest.mark.parametrize("modules", [RUNTIME, DAEMON], ids=["runtime", "daemon"])
