@@ -1,13 +1,15 @@
-"""End to end: the real daemon, an externally triggered replay camera, a pymodbus client as the PLC."""
+"""End to end: the real daemon, externally triggered replay cameras, a pymodbus client as the PLC, asyncua."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
 from pathlib import Path
 
 import pytest
+from asyncua import Client, ua
 from conftest import Daemon, audit_rows, camera, replay_folder, write_config
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
@@ -59,8 +61,11 @@ def test_plc_triggers_get_their_results_in_order_and_ready_dies_with_the_daemon(
     port = free_port()
     replay = {"type": "replay", "path": str(replay_folder(tmp_path / "replay")), "fps": 50, "loop": True}
     cams = [camera(cam, sample_bundle, replay, trigger={"mode": "external"}) for cam in ("left", "right")]
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}/appliance/"
     config = write_config(tmp_path / "config.toml", cams, cache=daemon_cache,
-                          outputs=[{"type": "modbus", "port": port, "cameras": {"left": 1, "right": 2}}])
+                          outputs=[{"type": "modbus", "port": port, "cameras": {"left": 1, "right": 2}},
+                                   {"type": "opcua", "endpoint": endpoint, "cameras": ["left", "right"],
+                                    "allow_anonymous": True, "refresh_s": 0.1}])
     daemon = Daemon(config)
     daemons.append(daemon)
     daemon.wait_ready()
@@ -81,6 +86,32 @@ def test_plc_triggers_get_their_results_in_order_and_ready_dies_with_the_daemon(
             assert result_id == trigger_id == int(row["trigger_id"])
             assert verdict == codes[row["verdict"]] and abs(score - row["score"]) < 1e-6
     assert daemon.status()["outputs"]["modbus"]["requests"] > 40
+
+    # The same daemon over OPC UA: the last result as the PLC saw it, then a trigger by method call.
+    async def opcua_session() -> tuple[tuple, tuple]:
+        async with Client(endpoint, timeout=10) as client:
+            idx = await client.get_namespace_index("urn:anomaly-appliance")
+            cam = await client.nodes.objects.get_child([f"{idx}:Cameras", f"{idx}:left"])
+
+            async def result() -> tuple:
+                names = ("TriggerId", "Verdict", "Score", "Ready")
+                return tuple([await (await cam.get_child(f"{idx}:{n}")).read_value() for n in names])
+
+            before = await result()
+            assert await cam.call_method(f"{idx}:Trigger", ua.Variant("OPC-1", ua.VariantType.String)) is True
+            for _ in range(600):
+                after = await result()
+                if after[0] == "OPC-1":
+                    break
+                await asyncio.sleep(0.05)
+            return before, after
+
+    before, after = asyncio.run(opcua_session())
+    rows = audit_rows(daemon.db, where="camera = 'left'")
+    assert before[:3] == (rows[3]["trigger_id"], rows[3]["verdict"], pytest.approx(rows[3]["score"]))
+    assert before[3] is True  # Ready
+    assert rows[-1]["trigger_id"] == "OPC-1"
+    assert after[:3] == ("OPC-1", rows[-1]["verdict"], pytest.approx(rows[-1]["score"]))
     daemon.kill()
     plc.close()
     with pytest.raises((ModbusException, ConnectionError, AssertionError)):
