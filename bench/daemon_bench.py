@@ -17,7 +17,8 @@ For each scorer it fits a bundle at the working size (once; reused from ``--out`
   engine: most frames are decoded and dropped, which costs CPU a real camera's driver would not).
 
 The daemon's overhead is its CPU time per inspected frame (``/proc/PID/stat``, every thread)
-against the bare engine's (``time.process_time``) on the same frames. The replayed mix is good
+against the bare engine's (``time.process_time``) on the same frames, pre-decoded, and decoding
+each frame from its bytes as the daemon (and ``appliance predict``) must. The replayed mix is good
 test images with ``--defect-share`` (5 %) defect images: NG frames always get an overlay PNG, so
 the test split's own share (half) would overstate a line's overlay work.
 
@@ -71,18 +72,27 @@ def test_images(data: Path, limit: int, defect_share: float) -> list[Path]:
     return sorted(picked, key=lambda p: zlib.crc32(p.name.encode()))  # defects spread through the loop
 
 
-def bare_engine(bundle: Path, images: list[Path], frames: int, cache: Path) -> dict:
-    """``predict_stream`` throughput on decoded frames (decoding excluded, as the daemon's capture does it)."""
+def bare_engine(bundle: Path, images: list[Path], frames: int, cache: Path, decode: bool) -> dict:
+    """``predict_stream`` throughput and CPU per frame, on pre-decoded frames or decoding each one.
+
+    ``decode``: every frame is decoded from its file's bytes (held in memory) inside the stream, as
+    ``appliance predict`` and the daemon's sources must; without it decoding is left out.
+    """
     from appliance.bundle import load_bundle
-    from appliance.imaging import read_image
+    from appliance.imaging import decode_image, read_image
     from appliance.types import Frame
 
     engine = load_bundle(bundle, streams=2, cache_dir=cache / "openvino")
     pixels = [read_image(p) for p in images]
-    stream = (Frame(image=pixels[i % len(pixels)], seq=i) for i in range(frames))
-    list(engine.predict_stream(Frame(image=pixels[i], seq=i) for i in range(min(4, len(pixels)))))  # warm-up
+    data = [p.read_bytes() for p in images]
+
+    def frame(i: int) -> Frame:
+        k = i % len(images)
+        return Frame(image=decode_image(data[k], images[k]) if decode else pixels[k], seq=i)
+
+    list(engine.predict_stream(frame(i) for i in range(min(4, len(pixels)))))  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
-    n = sum(1 for _ in engine.predict_stream(stream))
+    n = sum(1 for _ in engine.predict_stream(frame(i) for i in range(frames)))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     engine.close()
     return {"frames": n, "seconds": round(seconds, 2), "fps": round(n / seconds, 2),
@@ -225,17 +235,22 @@ def main() -> None:
     print(one_line(report["machine"]))
     for scorer in args.scorers.split(","):
         bundle, fit_s = fit_bundle(args.data, args.out, scorer, args.size, cache, args.precision)
-        bare = bare_engine(bundle, images, max(200, int(args.seconds * 10)), cache)
-        print(f"{scorer}: bare engine predict_stream {bare['fps']} fps, CPU {bare['cpu_ms_per_frame']} ms/frame")
-        runs = {"fit_seconds": round(fit_s, 1), "bare_engine": bare}
+        bare = bare_engine(bundle, images, max(200, int(args.seconds * 10)), cache, decode=False)
+        decoding = bare_engine(bundle, images, max(200, int(args.seconds * 10)), cache, decode=True)
+        print(f"{scorer}: bare engine predict_stream {bare['fps']} fps, CPU {bare['cpu_ms_per_frame']} ms/frame; "
+              f"decoding each frame too: {decoding['fps']} fps, CPU {decoding['cpu_ms_per_frame']} ms/frame")
+        runs = {"fit_seconds": round(fit_s, 1), "bare_engine": bare, "bare_engine_decoding": decoding}
         for cameras, fps in ((1, args.fps), (2, args.fps), (1, None)):
             name = f"daemon_{cameras}cam_{'unpaced' if fps is None else f'{fps:g}fps'}"
             result = run_daemon(args.out / name, bundle, replay, cameras, fps, args.seconds, cache, args.plc)
             result["cpu_overhead_vs_bare"] = round(result["cpu_ms_per_frame"] / bare["cpu_ms_per_frame"] - 1, 3)
+            result["cpu_overhead_vs_bare_decoding"] = round(
+                result["cpu_ms_per_frame"] / decoding["cpu_ms_per_frame"] - 1, 3)
             runs[name] = result
             print(f"{scorer} {name}: {result['total_fps']} fps total, drops {result['drops']}, latency p50 "
                   f"{result['latency_ms']['p50']} ms p99 {result['latency_ms']['p99']} ms, CPU "
-                  f"{result['cpu_ms_per_frame']} ms/frame ({result['cpu_overhead_vs_bare']:+.1%} vs bare)")
+                  f"{result['cpu_ms_per_frame']} ms/frame ({result['cpu_overhead_vs_bare']:+.1%} vs bare, "
+                  f"{result['cpu_overhead_vs_bare_decoding']:+.1%} vs bare with decoding)")
         report["runs"][scorer] = runs
     name = "report.json" if args.precision == "f32" else f"report_{args.precision}.json"
     (args.out / name).write_text(json.dumps(report, indent=2))
