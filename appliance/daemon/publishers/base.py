@@ -9,8 +9,9 @@ Publishers never reach back into the engine: everything they need is in the reco
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...errors import PublishError
 from ..records import Inspection
 
 
@@ -116,6 +118,43 @@ class Publisher(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release; must not raise."""
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop | None, coro: Coroutine[Any, Any, None], timeout: float,
+                output: str, what: str) -> None:
+    """Run ``coro`` (``<what>_async()`` of a network output) on the daemon's loop from another thread, and wait.
+
+    Network outputs (HTTP, Modbus, OPC UA) serve on the daemon's asyncio loop, but ``start`` and
+    ``close`` are called from other threads. Before the loop runs, the coroutine runs to completion
+    on it; from inside the loop, waiting would deadlock, so that is refused.
+
+    Raises:
+        PublishError: no usable loop, called on the loop itself, or not done within ``timeout``.
+
+    """
+    try:
+        current = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    problem = None
+    if loop is None or loop.is_closed():
+        problem = "needs the daemon's running asyncio loop (OutputContext.loop)"
+    elif current is loop:
+        problem = f"would wait on the loop it runs on: await {what}_async() there instead"
+    if problem:
+        coro.close()
+        raise PublishError(f"{output} output {what}: {problem}")
+    assert loop is not None
+    if not loop.is_running():  # started before the loop runs
+        loop.run_until_complete(coro)
+        return
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise PublishError(f"{output} output {what}: not done within {timeout} s; is the daemon's loop "
+                           "blocked?") from None
 
 
 PUBLISHERS: dict[str, type[Publisher]] = {}

@@ -13,7 +13,6 @@ Routes: ``/`` (cameras), ``/camera/{id}`` (live page), ``/api/status``,
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import html
 import json
@@ -25,7 +24,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +36,7 @@ from pydantic import Field
 
 from ...errors import PublishError
 from ..records import VERDICTS, Inspection
-from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher
+from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher, run_on_loop
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +167,14 @@ class HttpPublisher(Publisher):
 
     def start(self) -> None:
         """Start serving on the daemon's loop; ``PublishError`` if the port is taken or there is no loop."""
-        self._on_loop(self.start_async(), "start")
+        run_on_loop(self.context.loop, self.start_async(), self.config.timeout, self.type, "start")
 
     def close(self) -> None:
         """Stop serving and close open connections; never raises."""
         if self._runner is None:
             return
         try:
-            self._on_loop(self.stop_async(), "stop")
+            run_on_loop(self.context.loop, self.stop_async(), self.config.timeout, self.type, "stop")
         except Exception as exc:  # close must not raise: the daemon is shutting down anyway
             log.warning("http output did not stop cleanly: %s", exc)
 
@@ -201,33 +200,6 @@ class HttpPublisher(Publisher):
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-
-    def _on_loop(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        """Run ``coro`` on the daemon's loop from this (other) thread and wait for it."""
-        loop = self.context.loop
-        try:
-            current = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
-        problem = None
-        if loop is None or loop.is_closed():
-            problem = "needs the daemon's running asyncio loop (OutputContext.loop)"
-        elif current is loop:
-            problem = f"{what}() would wait on the loop it runs on: await {what}_async() there instead"
-        if problem:
-            coro.close()
-            raise PublishError(f"http output: {problem}")
-        assert loop is not None
-        if not loop.is_running():  # started before the loop runs: serve once it does
-            loop.run_until_complete(coro)
-            return
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            future.result(self.config.timeout)
-        except concurrent.futures.TimeoutError as exc:
-            future.cancel()
-            raise PublishError(f"http output did not {what} within {self.config.timeout} s: is the daemon's "
-                               "loop blocked?") from exc
 
     # ------------------------------------------------------------------ the web side
 

@@ -21,7 +21,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +44,7 @@ from ..modbus_map import (
     result_id_for,
 )
 from ..records import Inspection
-from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher
+from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher, run_on_loop
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +240,7 @@ class ModbusPublisher(Publisher):
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Listen on the daemon's loop; ``PublishError`` if the port cannot be had."""
-        run_on_loop(self.context.loop, self.start_async(), self.config.timeout, "modbus output start")
+        run_on_loop(self.context.loop, self.start_async(), self.config.timeout, self.type, "start")
 
     async def start_async(self) -> None:
         """Listen (on the running loop) and start the refresh task."""
@@ -262,7 +261,7 @@ class ModbusPublisher(Publisher):
         if self._server is None:
             return
         try:
-            run_on_loop(self.context.loop, self.stop_async(), self.config.timeout, "modbus output stop")
+            run_on_loop(self.context.loop, self.stop_async(), self.config.timeout, self.type, "stop")
         except Exception as exc:  # close must not raise: the daemon is stopping anyway
             log.warning("modbus output did not stop cleanly: %s", exc)
 
@@ -467,24 +466,3 @@ def _listen_error(host: str, port: int, exc: OSError | None = None) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"{where}: no interface of this machine has that address"
     return f"{where}: {exc.strerror or exc}"
-
-
-def run_on_loop(loop: asyncio.AbstractEventLoop | None, coro: Coroutine[Any, Any, None], timeout: float,
-                what: str) -> None:
-    """Run ``coro`` on the daemon's loop from another thread and wait; ``PublishError`` if it cannot."""
-    try:
-        current = asyncio.get_running_loop()
-    except RuntimeError:
-        current = None
-    if loop is None or loop.is_closed() or current is loop:
-        coro.close()
-        raise PublishError(f"{what}: needs the daemon's running asyncio loop, from another thread")
-    if not loop.is_running():
-        loop.run_until_complete(coro)
-        return
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
-    try:
-        future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        future.cancel()
-        raise PublishError(f"{what}: not done within {timeout} s; is the daemon's loop blocked?") from None

@@ -28,8 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ...errors import ApplianceError, PublishError
 from ..records import Inspection
-from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher
-from .modbus import run_on_loop
+from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher, run_on_loop
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ class OpcUaPublisher(Publisher):
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Serve on the daemon's loop; ``PublishError`` if the endpoint or the certificate is unusable."""
-        run_on_loop(self.context.loop, self.start_async(), self.config.timeout, "opcua output start")
+        run_on_loop(self.context.loop, self.start_async(), self.config.timeout, self.type, "start")
 
     async def start_async(self) -> None:
         """Build the address space and listen (on the running loop)."""
@@ -189,7 +188,7 @@ class OpcUaPublisher(Publisher):
         if self._server is None:
             return
         try:
-            run_on_loop(self.context.loop, self.stop_async(), self.config.timeout, "opcua output stop")
+            run_on_loop(self.context.loop, self.stop_async(), self.config.timeout, self.type, "stop")
         except Exception as exc:
             log.warning("opcua output did not stop cleanly: %s", exc)
 
