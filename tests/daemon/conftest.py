@@ -23,11 +23,19 @@ from typing import Any
 
 import pytest
 import tomli_w
+from plc import Plant
 
 import appliance
 
 SAMPLE = Path(appliance.__file__).parent / "samples" / "ball_screw"
 APPLIANCE = Path(sys.executable).parent / "appliance"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sample_images(kind: str = "test") -> list[Path]:
@@ -243,6 +251,14 @@ def daemons() -> Iterator[list[Daemon]]:
     for d in started:
         if d.proc.poll() is None:
             d.kill()
+
+
+@pytest.fixture
+def plant() -> Iterator[Plant]:
+    """A stand-in daemon for one output under test (see plc.py)."""
+    p = Plant()
+    yield p
+    p.close()
 
 
 @pytest.fixture

@@ -23,18 +23,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 #: Tests that need the real broker: skipped, with the reason, where Debian's mosquitto is not installed.
 needs_mosquitto = pytest.mark.skipif(not MOSQUITTO.exists(), reason="needs Debian's mosquitto at /usr/sbin/mosquitto "
                                                                      "(apt-get install mosquitto; CI installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

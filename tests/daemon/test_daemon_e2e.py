@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,17 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import APPLIANCE, Daemon, audit_rows, camera, replay_folder, sample_images, write_config
+from conftest import APPLIANCE, Daemon, audit_rows, camera, free_port, replay_folder, sample_images, write_config
 
 from appliance.overlay import read_overlay_metadata
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def events(db: Path, kind: str | None = None) -> list[dict]:

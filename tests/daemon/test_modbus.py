@@ -1,67 +1,27 @@
 """The Modbus output against a real pymodbus client playing the PLC.
 
-The daemon's side is a small stand-in (``Plant``): its asyncio loop on a thread, a status
-snapshot the test controls, and the triggers and control commands it was asked for. The
-real daemon is driven in test_plc_e2e.py.
+The daemon's side is a small stand-in (``Plant``, plc.py): its asyncio loop on a thread, a
+status snapshot the test controls, and the triggers and control commands it was asked for.
+The real daemon is driven in test_plc_e2e.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from plc import EN, Plant, S, control, inputs, inspection, score_of, wait_bits
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from appliance.daemon import modbus_map as mm
-from appliance.daemon.publishers import OutputContext
 from appliance.daemon.publishers.modbus import ModbusConfig, ModbusPublisher
-from appliance.daemon.records import Inspection, new_inspection_id
 from appliance.errors import ConfigError, PublishError
-
-
-class Plant:
-    """What the Modbus output sees of the daemon: loop, status, trigger, control."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.healthy = True
-        self.cameras = {cam: {"state": "running", "enabled": True, "bundle": {"model_id": "m1"},
-                              "threshold": {"value": 0.5}} for cam in ("cam1", "cam2")}
-        self.triggers: list[tuple[str, str]] = []
-        self.trigger_answer: Callable[[], bool] = lambda: True
-        self.commands: list[dict[str, Any]] = []
-
-    def status(self) -> dict[str, Any]:
-        return {"daemon": {"healthy": self.healthy}, "cameras": {k: dict(v) for k, v in self.cameras.items()}}
-
-    def trigger(self, camera: str, trigger_id: str | None) -> bool:
-        self.triggers.append((camera, trigger_id))
-        return self.trigger_answer()
-
-    async def control(self, request: dict[str, Any]) -> Any:
-        self.commands.append(request)
-        if request.get("slot") == 9:
-            raise ConfigError("camera cam1 has no bundle slot 9")
-        return {"ok": True}
-
-    def context(self, state_dir: Path) -> OutputContext:
-        return OutputContext(state_dir=state_dir, status=self.status, registry=CollectorRegistry(), loop=self.loop,
-                             trigger=self.trigger, control=self.control)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def start_output(tmp_path: Path, plant: Plant, **config: Any) -> ModbusPublisher:
@@ -69,13 +29,6 @@ def start_output(tmp_path: Path, plant: Plant, **config: Any) -> ModbusPublisher
     out = ModbusPublisher(cfg, plant.context(tmp_path))
     out.start()
     return out
-
-
-@pytest.fixture
-def plant() -> Iterator[Plant]:
-    p = Plant()
-    yield p
-    p.close()
 
 
 @pytest.fixture
@@ -91,42 +44,6 @@ def plc(output: ModbusPublisher) -> Iterator[ModbusTcpClient]:
     assert client.connect()
     yield client
     client.close()
-
-
-def inspection(camera: str = "cam1", trigger_id: str | None = None, verdict: str = "ok", score: float | None = 0.25,
-               seq: int = 1, model: str = "m1", total_ms: float = 42.0) -> Inspection:
-    now = time.time()
-    return Inspection(id=new_inspection_id(), camera=camera, seq=seq, captured_at=now, finished_at=now,
-                      verdict=verdict, trigger_id=trigger_id, score=score, model_id=model,
-                      error="no image" if verdict == "error" else None, latency_ms={"total": total_ms})
-
-
-def inputs(plc: ModbusTcpClient, unit: int = 1) -> list[int]:
-    answer = plc.read_input_registers(0, count=mm.IR_COUNT, device_id=unit)
-    assert not answer.isError(), answer
-    return answer.registers
-
-
-def wait_bits(plc: ModbusTcpClient, on: int = 0, off: int = 0, unit: int = 1, timeout: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        regs = inputs(plc, unit)
-        if regs[0] & on == on and not regs[0] & off:
-            return regs
-        assert time.monotonic() < deadline, f"status {regs[0]:#06x}: wanted on {on:#x} off {off:#x}"
-        time.sleep(0.01)
-
-
-def control(plc: ModbusTcpClient, value: int, unit: int = 1) -> None:
-    assert not plc.write_register(mm.HR_CONTROL, value, device_id=unit).isError()
-
-
-def score_of(regs: list[int]) -> float:
-    return struct.unpack(">f", struct.pack(">HH", regs[mm.IR_SCORE_HI], regs[mm.IR_SCORE_LO]))[0]
-
-
-S = mm.Status
-EN = mm.TRIGGER_ENABLE
 
 
 def test_full_handshake_trigger_to_result_ack(plant: Plant, output: ModbusPublisher, plc: ModbusTcpClient) -> None:

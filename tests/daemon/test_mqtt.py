@@ -12,9 +12,10 @@ from typing import Any
 
 import jsonschema
 import pytest
+from conftest import free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from mqtt_broker import Subscriber, free_port, needs_mosquitto, running_broker, wait_until
+from mqtt_broker import Subscriber, needs_mosquitto, running_broker, wait_until
 from prometheus_client import CollectorRegistry
 
 from appliance.daemon.audit import Recorder

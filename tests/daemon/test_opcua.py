@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
-from test_modbus import Plant, inspection
+from plc import Plant, inspection
 
 from appliance.daemon.publishers.opcua import OpcUaConfig, OpcUaPublisher
 from appliance.errors import ConfigError
@@ -25,13 +25,6 @@ def start_output(tmp_path: Path, plant: Plant, **config: Any) -> OpcUaPublisher:
     out = OpcUaPublisher(cfg, plant.context(tmp_path))
     out.start()
     return out
-
-
-@pytest.fixture
-def plant() -> Iterator[Plant]:
-    p = Plant()
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -3,56 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
-import time
 from pathlib import Path
 
 import pytest
 from asyncua import Client, ua
-from conftest import Daemon, audit_rows, camera, replay_folder, write_config
+from conftest import Daemon, audit_rows, camera, free_port, replay_folder, write_config
+from plc import EN, S, control, score_of, wait_bits
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from appliance.daemon import modbus_map as mm
 
-S = mm.Status
-EN = mm.TRIGGER_ENABLE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status_of(plc: ModbusTcpClient, unit: int) -> list[int]:
-    answer = plc.read_input_registers(0, count=mm.IR_COUNT, device_id=unit)
-    assert not answer.isError(), answer
-    return answer.registers
-
-
-def wait_bits(plc: ModbusTcpClient, unit: int, on: int = 0, off: int = 0, timeout: float = 60.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        regs = status_of(plc, unit)
-        if regs[0] & on == on and not regs[0] & off:
-            return regs
-        assert time.monotonic() < deadline, f"unit {unit} status {regs[0]:#06x}: wanted on {on:#x} off {off:#x}"
-        time.sleep(0.005)
-
 
 def run_trigger(plc: ModbusTcpClient, unit: int) -> tuple[int, int, int, float]:
     """One full handshake; returns (TriggerID, ResultID, verdict code, score)."""
-    plc.write_register(mm.HR_CONTROL, EN | mm.TRIGGER, device_id=unit)
-    trigger_id = wait_bits(plc, unit, on=S.TRIGGER_ACK)[mm.IR_TRIGGER_ID]
-    plc.write_register(mm.HR_CONTROL, EN, device_id=unit)
-    regs = wait_bits(plc, unit, on=S.RESULT_VALID)
-    score = struct.unpack(">f", struct.pack(">HH", regs[mm.IR_SCORE_HI], regs[mm.IR_SCORE_LO]))[0]
-    plc.write_register(mm.HR_CONTROL, EN | mm.RESULT_ACK, device_id=unit)
-    wait_bits(plc, unit, off=S.RESULT_VALID)
-    plc.write_register(mm.HR_CONTROL, EN, device_id=unit)
-    return trigger_id, regs[mm.IR_RESULT_ID], regs[mm.IR_VERDICT], score
+    control(plc, EN | mm.TRIGGER, unit)
+    trigger_id = wait_bits(plc, on=S.TRIGGER_ACK, unit=unit, timeout=60)[mm.IR_TRIGGER_ID]
+    control(plc, EN, unit)
+    regs = wait_bits(plc, on=S.RESULT_VALID, unit=unit, timeout=60)
+    control(plc, EN | mm.RESULT_ACK, unit)
+    wait_bits(plc, off=S.RESULT_VALID, unit=unit, timeout=60)
+    control(plc, EN, unit)
+    return trigger_id, regs[mm.IR_RESULT_ID], regs[mm.IR_VERDICT], score_of(regs)
 
 
 @pytest.mark.slow
@@ -72,8 +44,8 @@ def test_plc_triggers_get_their_results_in_order_and_ready_dies_with_the_daemon(
     plc = ModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)
     assert plc.connect()
     for unit in (1, 2):
-        wait_bits(plc, unit, on=S.READY | S.MODEL_LOADED)
-        plc.write_register(mm.HR_CONTROL, EN, device_id=unit)
+        wait_bits(plc, on=S.READY | S.MODEL_LOADED, unit=unit, timeout=60)
+        control(plc, EN, unit)
     seen: dict[str, list[tuple[int, int, int, float]]] = {"left": [], "right": []}
     for _ in range(4):
         for cam, unit in (("left", 1), ("right", 2)):
