@@ -46,6 +46,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import describe, one_line  # noqa: E402
 
+from appliance.daemon.control import request  # noqa: E402
+from appliance.errors import ApplianceError  # noqa: E402
+
 APPLIANCE = Path(sys.executable).parent / "appliance"
 
 
@@ -134,20 +137,6 @@ def write_config(root: Path, bundle: Path, replay: Path, cameras: int, fps: floa
     return path
 
 
-def request(sock: Path, payload: dict) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
-        s.connect(str(sock))
-        s.sendall((json.dumps(payload) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)["result"]
-
-
 def run_daemon(root: Path, bundle: Path, replay: Path, cameras: int, fps: float | None, seconds: float,
                cache: Path, plc: bool) -> dict:
     """Start the daemon, let it settle, measure a steady window of ``seconds``, stop it."""
@@ -168,7 +157,7 @@ def run_daemon(root: Path, bundle: Path, replay: Path, cameras: int, fps: float 
             try:
                 request(sock, {"cmd": "status"})
                 break
-            except OSError:
+            except ApplianceError:  # no socket yet: still starting
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)

@@ -8,7 +8,6 @@ for the whole session so that only the first daemon pays for compiling them.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,8 @@ import tomli_w
 from plc import Plant
 
 import appliance
+from appliance.daemon.control import request as control_request
+from appliance.errors import ApplianceError
 
 SAMPLE = Path(appliance.__file__).parent / "samples" / "ball_screw"
 APPLIANCE = Path(sys.executable).parent / "appliance"
@@ -171,26 +172,16 @@ class Daemon:
             try:
                 self.request({"cmd": "status"}, timeout=5)
                 return
-            except (OSError, AssertionError):
+            except AssertionError:  # no socket yet: still starting
                 time.sleep(0.2)
         raise AssertionError(f"daemon not ready within {timeout} s:\n{self.log()[-4000:]}")
 
     def request(self, payload: dict[str, Any], timeout: float = 30.0) -> Any:
         """One control-socket request; returns the result, raises ``AssertionError`` on a refusal."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(self.socket))
-            sock.sendall((json.dumps(payload) + "\n").encode())
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    break
-                data += chunk
-        answer = json.loads(data)
-        if not answer.get("ok"):
-            raise AssertionError(f"refused: {answer}")
-        return answer["result"]
+        try:
+            return control_request(self.socket, payload, timeout)
+        except ApplianceError as exc:
+            raise AssertionError(f"refused: {exc}") from None
 
     def status(self) -> dict[str, Any]:
         return self.request({"cmd": "status"})
