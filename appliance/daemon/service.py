@@ -199,9 +199,7 @@ class Daemon:
     # ------------------------------------------------------------ control
     def trigger(self, camera: str, trigger_id: str | None = None) -> bool:
         """One frame from an externally triggered camera, carrying ``trigger_id``."""
-        pipeline = self.pipelines.get(camera)
-        if pipeline is None:
-            raise ConfigError(f"no running camera {camera!r}; running: {sorted(self.pipelines)}")
+        pipeline = self._running(camera)
         if pipeline.camera.trigger.mode != "external":
             raise ConfigError(f"camera {camera!r} is free-running; set trigger.mode = \"external\" to trigger it")
         if not pipeline.enabled:
@@ -236,6 +234,7 @@ class Daemon:
         return {"camera": camera, "slot": str(slot), "model_id": engine.model_id}
 
     def _running(self, camera: str) -> CameraPipeline:
+        """The running pipeline of ``camera``, or ``ConfigError`` naming the running ones."""
         pipeline = self.pipelines.get(camera)
         if pipeline is None:
             raise ConfigError(f"no running camera {camera!r}; running: {sorted(self.pipelines)}")
@@ -264,7 +263,7 @@ class Daemon:
             return await self.select_bundle(str(request.get("camera")), request.get("slot"),
                                             str(request.get("who", "operator")))
         if cmd == "stall" and self.fault_injection:
-            self.pipelines[str(request.get("camera"))].stall(float(request.get("seconds", 30)))
+            self._running(str(request.get("camera"))).stall(float(request.get("seconds", 30)))
             return {"stalled": request.get("camera")}
         raise ConfigError(f"unknown command {cmd!r}; known: status, reload, threshold, trigger, enable, bundle")
 
