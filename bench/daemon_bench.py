@@ -41,6 +41,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -114,26 +115,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def toml_value(value: object) -> str:
-    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
-
-
 def write_config(root: Path, bundle: Path, replay: Path, cameras: int, fps: float | None, cache: Path,
                  plc: bool) -> Path:
-    lines = ['timezone = "UTC"', "", "[paths]", f'state = "{root / "state"}"', f'cache = "{cache}"', "",
-             "[control]", f'socket = "{root / "control.sock"}"', "", "[runtime]", "streams = 2", "",
-             "[[outputs]]", 'type = "overlay"', "width = 1024", "height = 600", "ok_per_s = 2", "",
-             "[[outputs]]", 'type = "http"', f"port = {free_port()}", ""]
+    """Every output on; ``fps=None``: the replay's own cap far above the engine (unpaced)."""
+    outputs: list[dict] = [{"type": "overlay", "width": 1024, "height": 600, "ok_per_s": 2},
+                           {"type": "http", "port": free_port()}]
     if plc:
-        lines += ["[[outputs]]", 'type = "mqtt"', 'host = "127.0.0.1"', f"port = {os.environ['BENCH_MQTT_PORT']}", "",
-                  "[[outputs]]", 'type = "modbus"', f"port = {free_port()}", ""]
-    for i in range(cameras):
-        lines += ["[[cameras]]", f'id = "cam{i + 1}"', f'bundle = "{bundle}"', "queue = 4", "", "[cameras.source]",
-                  'type = "replay"', f'path = "{replay}"', "loop = true"]
-        lines.append(f"fps = {toml_value(fps or 1000.0)}")  # unpaced: the replay's own cap far above the engine
-        lines.append("")
+        outputs += [{"type": "mqtt", "host": "127.0.0.1", "port": int(os.environ["BENCH_MQTT_PORT"])},
+                    {"type": "modbus", "port": free_port()}]
+    doc = {"timezone": "UTC", "paths": {"state": str(root / "state"), "cache": str(cache)},
+           "control": {"socket": str(root / "control.sock")}, "runtime": {"streams": 2}, "outputs": outputs,
+           "cameras": [{"id": f"cam{i + 1}", "bundle": str(bundle), "queue": 4,
+                        "source": {"type": "replay", "path": str(replay), "loop": True, "fps": fps or 1000.0}}
+                       for i in range(cameras)]}
     path = root / "config.toml"
-    path.write_text("\n".join(lines))
+    path.write_text(tomli_w.dumps(doc))
     return path
 
 

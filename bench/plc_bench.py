@@ -28,14 +28,11 @@ from pymodbus.client import ModbusTcpClient
 import appliance
 from appliance.daemon import modbus_map as mm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from daemon_bench import free_port
+
 SAMPLE = Path(appliance.__file__).parent / "samples" / "ball_screw"
 APPLIANCE = Path(sys.executable).parent / "appliance"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_bits(plc: ModbusTcpClient, unit: int, on: int = 0, off: int = 0, timeout: float = 60.0) -> list[int]:
