@@ -10,6 +10,9 @@ on disk so a restart does not recompile.
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,8 @@ import numpy as np
 import openvino as ov
 
 from .errors import BackboneError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("f32", "bf16")
 
@@ -63,13 +68,31 @@ class Backbone:
             config["PERFORMANCE_HINT"] = "LATENCY"
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.cache_problem: str | None = None  # why the model cache could not be used (compiled without it)
         if cache_dir:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(cache_dir)
+            try:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(cache_dir)
+            except OSError as exc:
+                self.cache_problem = f"cannot create the model cache {cache_dir}: {exc.strerror or exc}"
         try:
             self.compiled = c.compile_model(model, "CPU", config)
         except Exception as exc:
-            raise BackboneError(f"{self.xml}: OpenVINO cannot compile the backbone: {_first_line(exc)}") from None
+            if "CACHE_DIR" not in config:
+                raise BackboneError(f"{self.xml}: OpenVINO cannot compile the backbone: {_first_line(exc)}") from None
+            # A cache another user wrote (a technician's `sudo appliance doctor`) cannot be read or replaced:
+            # compile without it, so the line runs, and say what to fix.
+            self.cache_problem = (f"the OpenVINO model cache {cache_dir} cannot be used ({_first_line(exc)}); "
+                                  f"compiled without it. Give the folder to the user running the appliance "
+                                  f"(uid {os.getuid()}), e.g. 'chown -R anomaly-appliance: {cache_dir}', or remove it")
+            del config["CACHE_DIR"]
+            try:
+                self.compiled = c.compile_model(model, "CPU", config)
+            except Exception as exc2:
+                raise BackboneError(f"{self.xml}: OpenVINO cannot compile the backbone: {_first_line(exc2)}") \
+                    from None
+        if self.cache_problem:
+            log.warning("%s", self.cache_problem)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # "f32", "bf16"
         self.output_shape = tuple(self.compiled.outputs[0].get_shape())
         self._request = self.compiled.create_infer_request()
@@ -143,5 +166,8 @@ class Backbone:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The cause in an OpenVINO exception: its text without the "Exception from src/...:117:" location lines."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if not re.match(r"^(Exception from |Check '.*' failed at )?src/\S+:\d+:?$", ln)
+              and not ln.startswith("Exception from src/")]
+    return "; ".join(causes[:3]) or (lines[0] if lines else type(exc).__name__)

@@ -23,9 +23,11 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import shutil
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,12 @@ from .position_norm import PositionNorm
 from .preprocess import PreprocessSpec, plan_tiles
 from .scorers import SCORERS, Scorer, create
 
+log = logging.getLogger(__name__)
+
 FORMAT = "anomaly-appliance-bundle"
-FORMAT_VERSION = 3  # 2: optional per-position score normalisation; 3: the preprocessing's resize policy
+#: 2: optional per-position score normalisation; 3: the preprocessing's resize policy; 4: the frame format
+#: (``preprocess.frame``). Older bundles load as before: without a frame format, frames are not checked.
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 #: Relative difference allowed between a golden image's score now and at build time.
 GOLDEN_TOLERANCE = {"f32": 0.02, "bf16": 0.08}
@@ -254,7 +260,11 @@ def load_bundle(path: str | Path, *, threads: int | None = None, streams: int = 
     runtime.configure(threads)
     if path.is_file() and path.name.endswith(_ARCHIVE_SUFFIXES):
         path = _unpack(path, cache)
+    step = time.monotonic()
     manifest = verify_files(path, key)
+    log.info("bundle %s: %d files verified in %.1f s", path, len(manifest.get("files", {})),
+             time.monotonic() - step)
+    step = time.monotonic()
     try:
         spec = PreprocessSpec.from_dict(manifest["preprocess"])
         scorer_rec = manifest["scorer"]
@@ -279,9 +289,17 @@ def load_bundle(path: str | Path, *, threads: int | None = None, streams: int = 
     position_norm = _load_position_norm(path, manifest, backbone.output_shape)
     engine = Engine(spec, backbone, scorer, calibration, manifest["model_id"], manifest=manifest, bundle_path=path,
                     position_norm=position_norm)
+    log.info("bundle %s: scorer loaded, backbone compiled (%s%s) in %.1f s", path, backbone.precision,
+             ", model cache unusable" if backbone.cache_problem else "", time.monotonic() - step)
+    step = time.monotonic()
     scorer.warm_up(backbone.output_shape)
+    log.info("bundle %s: scorer kernels ready in %.1f s (compiled on a cold cache, loaded from it after)", path,
+             time.monotonic() - step)
     if check_golden:
+        step = time.monotonic()
         check_golden_images(engine, path, manifest, chosen)
+        log.info("bundle %s: %d golden images score as recorded (%.1f s)", path, len(manifest.get("golden", [])),
+                 time.monotonic() - step)
     return engine
 
 

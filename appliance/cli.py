@@ -128,6 +128,10 @@ def fit(
     roi: Annotated[str | None, typer.Option(help="crop x,y,w,h in source pixels")] = None,
     valid_mask: Annotated[Path | None, typer.Option(help="PNG mask of the area to inspect (source size)")] = None,
     white_level: Annotated[int | None, typer.Option(help="16-bit value shown as white (e.g. 4095)")] = None,
+    frame_convert: Annotated[str, typer.Option(
+        help="refuse: the model takes frames of its training images' channels and bit depth (grey or RGB, 8 or "
+             "16 bits; they must all be alike) and refuses others; grey: every frame, training and inspected, is "
+             "converted to grey first (monochrome lines whose cameras differ)")] = "refuse",
     interpolation: Annotated[str, typer.Option(help="linear (fast) or area (anti-aliased) shrinking")] = "linear",
     resize: Annotated[str, typer.Option(
         help="how frames reach the working size: auto (from the training images' sizes: fixed when they share "
@@ -169,7 +173,7 @@ def fit(
             typer.echo(dataset.describe(), err=True)
         options = FitOptions(scorer=scorer, settings=_parse_settings(setting), height=height, width=width,
                              tile=_parse_pair(tile, "tile"), overlap=overlap, roi=roi_t,
-                             white_level=white_level, interpolation=interpolation,
+                             white_level=white_level, frame_convert=frame_convert, interpolation=interpolation,
                              resize=None if resize == "auto" else resize,
                              valid_mask=str(valid_mask) if valid_mask else None,
                              precision=precision, threads=threads, target_false_reject_rate=target_frr,

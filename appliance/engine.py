@@ -73,7 +73,8 @@ class Engine:
         valid = None if frame_shape is None else self.preprocessor.frame_valid(frame_shape)
         with self._lock:
             tile_scores, raw = self.scorer.score(features, self.position_norm, valid)
-        return Score(image_score=raw, patch_map=self.preprocessor.stitch(tile_scores))
+        embedding = features.mean(axis=(0, 2, 3), dtype=np.float32)
+        return Score(image_score=raw, patch_map=self.preprocessor.stitch(tile_scores), embedding=embedding)
 
     def score(self, image: np.ndarray) -> Score:
         """Raw score of one frame's pixels (no calibration needed)."""

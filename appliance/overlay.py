@@ -6,12 +6,18 @@ threshold (a good part stays readable), regions at or above the threshold get a
 strong contour, and a banner above the frame states the verdict. The verdict and
 its numbers also travel inside the PNG as EXIF, so a file copied off the
 appliance still says what the model decided and when.
+
+An overlay may be drawn for every inspection on a two-core device, so it is drawn
+straight into one canvas of the output size (no drawing big and shrinking, no
+intermediate copies), the heat is blended only where it shows, and the PNG is encoded
+once (``encode_overlay``) for every place it goes. ``bench/overlay_bench.py`` has the figures.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import math
@@ -32,6 +38,7 @@ from PIL import Image
 from . import __version__
 from .errors import ApplianceError, ImageError
 from .imaging import to_rgb8
+from .png import encode_png
 from .types import Prediction
 
 #: Keys ``save_overlay`` requires in its metadata (``overlay_metadata`` provides them all).
@@ -44,14 +51,19 @@ FADE_BELOW = 0.25
 CONTOUR_RGB = (255, 0, 255)
 BANNER_RGB = (24, 24, 24)
 TEXT_RGB = (240, 240, 240)
-VERDICT_RGB = {"anomalous": (235, 40, 40), "good": (40, 200, 70)}
+VERDICT_RGB = {"ng": (235, 40, 40), "ok": (40, 200, 70)}
 OTHER_VERDICT_RGB = (240, 170, 0)  # amber: anything else (e.g. "error")
+#: Letterbox padding: darker than the banner, so a panel shows where the image ends.
+PAD_RGB = (12, 12, 12)
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _MIN_FONT_SCALE = 0.5  # about 11 px capitals: the smallest that reads well on a panel
 _MAX_FONT_SCALE = 1.4
 _FONT_PER_PIXEL = 1 / 1000  # font scale per pixel of output width
 _MIN_MAX_SIDE = 64
+#: The colour map as an RGB lookup table (``applyColorMap`` takes it as is: no BGR-to-RGB pass per frame).
+_COLORMAP_RGB = np.ascontiguousarray(
+    cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), COLORMAP)[..., ::-1])
 
 
 # --------------------------------------------------------------------------- rendering
@@ -62,14 +74,14 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, score: float, 
     """Draw the HMI overlay of one frame.
 
     The output is the frame (resized) under a banner strip; its longer side is at
-    most ``max_side`` including the banner.
+    most ``max_side`` including the banner. Frames are never enlarged.
 
     Args:
         image: the frame's pixels, ``HxW`` or ``HxWx3`` RGB, uint8 or uint16.
         anomaly_map: normalised anomaly map in [0, 1], ``HxW`` like the image (0.5 = bundle threshold).
         score: normalised image score.
         threshold: normalised threshold in force; contours enclose ``anomaly_map >= threshold``.
-        verdict: ``"anomalous"`` or ``"good"`` (anything else is shown in amber).
+        verdict: ``"ng"`` or ``"ok"``, shown as NG (red) or OK (green); anything else (``"error"``) in amber.
         model_id: the bundle that produced the score.
         max_side: longest side of the output in pixels, or ``None`` to keep the frame's size.
         alpha: opacity of the heat map at and above the threshold.
@@ -78,6 +90,79 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, score: float, 
         ``HxWx3`` uint8 RGB overlay.
 
     """
+    _check(image, anomaly_map, threshold, alpha)
+    if max_side is not None and max_side < _MIN_MAX_SIDE:
+        raise ValueError(f"max_side must be at least {_MIN_MAX_SIDE} pixels (or None), got {max_side}")
+    src_h, src_w = anomaly_map.shape
+    items = _banner_items(verdict, score, threshold, model_id)
+    if max_side is None:
+        out_w, out_h, banner = src_w, src_h, _layout_banner(src_w, items)
+    else:
+        out_w, out_h, banner = _fit(src_w, src_h, items, max_side, max_side, grow=False)
+    out = np.empty((banner.height + out_h, out_w, 3), np.uint8)
+    _draw_banner(out[:banner.height], banner)
+    _draw_frame(out[banner.height:], image, anomaly_map, threshold, alpha)
+    return out
+
+
+def render_panel(image: np.ndarray, anomaly_map: np.ndarray, width: int, height: int, *, score: float,
+                 threshold: float, verdict: str, model_id: str, alpha: float = 0.45,
+                 pad_rgb: tuple[int, int, int] = PAD_RGB) -> np.ndarray:
+    """The overlay drawn straight at a panel's size: exactly ``width x height``, letterboxed on ``pad_rgb``.
+
+    Banner and frame are drawn at the size they are shown (a frame smaller than the panel is
+    enlarged, a larger one shrunk, the aspect kept) into one canvas: no drawing big then
+    shrinking, no intermediate copies. Arguments as ``render_overlay``.
+    """
+    _check(image, anomaly_map, threshold, alpha)
+    src_h, src_w = anomaly_map.shape
+    items = _banner_items(verdict, score, threshold, model_id)
+    w, h, banner = _fit(src_w, src_h, items, width, height, grow=True)
+    if banner.height + h > height:  # a panel too small for the banner's text: draw it whole, then shrink
+        out = render_overlay(image, anomaly_map, score=score, threshold=threshold, verdict=verdict,
+                             model_id=model_id, max_side=None, alpha=alpha)
+        return letterbox(out, width, height, pad_rgb)
+    canvas = np.empty((height, width, 3), np.uint8)
+    y0, x0 = (height - banner.height - h) // 2, (width - w) // 2
+    _pad(canvas, y0, x0, banner.height + h, w, pad_rgb)
+    _draw_banner(canvas[y0:y0 + banner.height, x0:x0 + w], banner)
+    _draw_frame(canvas[y0 + banner.height:y0 + banner.height + h, x0:x0 + w], image, anomaly_map, threshold,
+                alpha)
+    return canvas
+
+
+def letterbox(image: np.ndarray, width: int, height: int, pad_rgb: tuple[int, int, int] = PAD_RGB) -> np.ndarray:
+    """``image`` (uint8 RGB) scaled to fit ``width x height`` with its aspect kept, centred on ``pad_rgb``."""
+    h, w = image.shape[:2]
+    s = min(width / w, height / h)
+    nw, nh = min(width, max(1, round(w * s))), min(height, max(1, round(h * s)))
+    canvas = np.empty((height, width, 3), np.uint8)
+    y0, x0 = (height - nh) // 2, (width - nw) // 2
+    _pad(canvas, y0, x0, nh, nw, pad_rgb)
+    if (nw, nh) == (w, h):
+        canvas[y0:y0 + nh, x0:x0 + nw] = image
+    else:
+        cv2.resize(image, (nw, nh), dst=canvas[y0:y0 + nh, x0:x0 + nw], interpolation=_interpolation(s))
+    return canvas
+
+
+def fill(view: np.ndarray, rgb: tuple[int, int, int]) -> None:
+    """Fill an ``HxWx3`` view with one colour; a grey one as fast as ``memset`` (broadcasting a triple is not)."""
+    if rgb[0] == rgb[1] == rgb[2]:
+        view.fill(rgb[0])
+    else:
+        view[:] = rgb
+
+
+def _pad(canvas: np.ndarray, y0: int, x0: int, h: int, w: int, rgb: tuple[int, int, int]) -> None:
+    """Fill the canvas around the ``h x w`` box at ``(y0, x0)``: only what nothing else will draw over."""
+    fill(canvas[:y0], rgb)
+    fill(canvas[y0 + h:], rgb)
+    fill(canvas[y0:y0 + h, :x0], rgb)
+    fill(canvas[y0:y0 + h, x0 + w:], rgb)
+
+
+def _check(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, alpha: float) -> None:
     if image.ndim not in (2, 3) or anomaly_map.ndim != 2 or anomaly_map.shape != image.shape[:2]:
         raise ValueError(f"anomaly_map must be HxW like the image {image.shape[:2]}, got {anomaly_map.shape}; "
                          "pass Engine.anomaly_map(score, frame_shape=image.shape[:2])")
@@ -85,41 +170,68 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, score: float, 
         raise ValueError(f"threshold must be on the normalised scale [0, 1], got {threshold}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if max_side is not None and max_side < _MIN_MAX_SIDE:
-        raise ValueError(f"max_side must be at least {_MIN_MAX_SIDE} pixels (or None), got {max_side}")
-
-    rgb = to_rgb8(image)
-    heat = np.nan_to_num(anomaly_map.astype(np.float32, copy=False), nan=0.0, posinf=1.0, neginf=0.0)
-    src_h, src_w = heat.shape
-    items = _banner_items(verdict, score, threshold, model_id)
-    out_w, out_h, banner = _fit(src_w, src_h, items, max_side)
-
-    if (out_w, out_h) != (src_w, src_h):
-        shrink = out_w < src_w
-        rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        heat = cv2.resize(heat, (out_w, out_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    frame = _blend_heat(rgb, np.clip(heat, 0.0, 1.0), threshold, alpha)
-    _draw_contours(frame, anomaly_map, threshold, (out_w / src_w, out_h / src_h))
-    return np.concatenate([_draw_banner(out_w, banner), frame], axis=0)
 
 
-def _blend_heat(rgb: np.ndarray, heat: np.ndarray, threshold: float, alpha: float) -> np.ndarray:
-    """Colour-mapped heat over the frame, opaque only near and above the threshold."""
-    colours = cv2.cvtColor(cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), COLORMAP), cv2.COLOR_BGR2RGB)
+def _interpolation(scale: float) -> int:
+    """Area averaging only where shrinking by more than half would alias; bilinear (several times faster) else."""
+    return cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
+
+
+def _draw_frame(dst: np.ndarray, image: np.ndarray, anomaly_map: np.ndarray, threshold: float, alpha: float
+                ) -> None:
+    """The frame with its heat map and contours, drawn into ``dst`` (an ``hxwx3`` view of the output)."""
+    src_h, src_w = anomaly_map.shape
+    h, w = dst.shape[:2]
+    same = (w, h) == (src_w, src_h)
+    interp = _interpolation(min(w / src_w, h / src_h))
+    if image.ndim == 2:  # resize the single channel, then spread it to RGB
+        dst[:] = to_rgb8(image if same else cv2.resize(image, (w, h), interpolation=interp))
+    elif same:
+        dst[:] = to_rgb8(image)
+    else:
+        cv2.resize(to_rgb8(image), (w, h), dst=dst, interpolation=interp)
+    heat = anomaly_map if anomaly_map.dtype == np.float32 else anomaly_map.astype(np.float32)
+    if not math.isfinite(float(heat.sum())):  # rare: a NaN or infinity somewhere
+        heat = np.nan_to_num(heat, nan=0.0, posinf=1.0, neginf=0.0)
+    heat8 = cv2.multiply(heat, 255.0, dtype=cv2.CV_8U)  # rounded and saturated to 0..255
+    if not same:
+        heat8 = cv2.resize(heat8, (w, h), interpolation=interp)
+    _blend_heat(dst, heat8, threshold, alpha)
+    _draw_contours(dst, anomaly_map, threshold, (w / src_w, h / src_h))
+
+
+@functools.lru_cache(maxsize=16)
+def _heat_weights(threshold: float, alpha: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per heat level 0..255: the frame's weight, the colour's weight, and the first level with any colour."""
     lo = threshold - FADE_BELOW
-    t = np.clip((heat - lo) / max(threshold - lo, 1e-6), 0.0, 1.0)
-    weight = (alpha * t * t * (3.0 - 2.0 * t))[..., None]  # smoothstep: no visible edge where the fade starts
-    out = rgb.astype(np.float32) * (1.0 - weight) + colours.astype(np.float32) * weight
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    t = np.clip((np.arange(256, dtype=np.float64) / 255 - lo) / max(threshold - lo, 1e-6), 0.0, 1.0)
+    weight = alpha * t * t * (3.0 - 2.0 * t)  # smoothstep: no visible edge where the fade starts
+    first = int(np.argmax(weight > 0)) if weight.any() else 256
+    return (1.0 - weight).astype(np.float32), weight.astype(np.float32), first
+
+
+def _blend_heat(dst: np.ndarray, heat8: np.ndarray, threshold: float, alpha: float) -> None:
+    """Colour-mapped heat over the frame in place, opaque only near and above the threshold.
+
+    Only the bounding box of the pixels that get any colour is blended: a good part, whose map
+    stays far below the threshold, costs one pass to find its maximum.
+    """
+    keep, weight, first = _heat_weights(float(threshold), float(alpha))
+    if first > 255 or cv2.minMaxLoc(heat8)[1] < first:
+        return
+    x, y, bw, bh = cv2.boundingRect(cv2.threshold(heat8, first - 1, 255, cv2.THRESH_BINARY)[1])
+    levels, frame = heat8[y:y + bh, x:x + bw], dst[y:y + bh, x:x + bw]
+    colours = cv2.applyColorMap(levels, _COLORMAP_RGB)
+    frame[:] = cv2.blendLinear(frame, colours, cv2.LUT(levels, keep), cv2.LUT(levels, weight))
 
 
 def _draw_contours(frame: np.ndarray, anomaly_map: np.ndarray, threshold: float, scale: tuple[float, float]
                    ) -> None:
     """Outline regions at or above the threshold, found at source resolution so small ones survive resizing."""
-    mask = (np.nan_to_num(anomaly_map, nan=0.0) >= threshold).astype(np.uint8)
-    if not mask.any():
-        return
+    mask = (anomaly_map >= threshold).view(np.uint8)  # NaN compares false: no contour
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return
     sx, sy = scale
     h, w = frame.shape[:2]
     scaled = []
@@ -190,9 +302,9 @@ def _layout_banner(width: int, items: list[tuple[str, tuple[int, int, int], bool
     return _Banner(lines, scale, thickness, text_h + baseline + pad // 2, pad)
 
 
-def _draw_banner(width: int, banner: _Banner) -> np.ndarray:
-    strip = np.empty((banner.height, width, 3), np.uint8)
-    strip[:] = BANNER_RGB
+def _draw_banner(strip: np.ndarray, banner: _Banner) -> None:
+    """The banner drawn into ``strip`` (a ``banner.height x width x 3`` view of the output)."""
+    fill(strip, BANNER_RGB)
     gap = _text_width("  ", banner.font_scale, banner.thickness)
     (_, text_h), _ = cv2.getTextSize("Ag", _FONT, banner.font_scale, banner.thickness + 1)
     y = banner.pad // 2 + banner.pad // 4 + text_h
@@ -203,25 +315,32 @@ def _draw_banner(width: int, banner: _Banner) -> np.ndarray:
             cv2.putText(strip, text, (x, y), _FONT, banner.font_scale, colour, t, cv2.LINE_AA)
             x += _text_width(text, banner.font_scale, t) + gap
         y += banner.line_height
-    return strip
 
 
-def _fit(src_w: int, src_h: int, items: list[tuple[str, tuple[int, int, int], bool]], max_side: int | None
-         ) -> tuple[int, int, _Banner]:
-    """Frame size and banner such that the longer side of both together is at most ``max_side``."""
-    s = 1.0 if max_side is None else min(1.0, max_side / max(src_w, src_h))
-    w, h = max(1, round(src_w * s)), max(1, round(src_h * s))
+def _fit(src_w: int, src_h: int, items: list[tuple[str, tuple[int, int, int], bool]], box_w: int, box_h: int,
+         grow: bool) -> tuple[int, int, _Banner]:
+    """Frame size and banner such that the banner over the frame fits ``box_w x box_h``, the frame's aspect kept.
+
+    ``grow``: a frame smaller than the box is enlarged to fill it (else it keeps its size).
+    """
+    s = min(box_w / src_w, box_h / src_h)
+    s = s if grow else min(1.0, s)
+    w, h = min(box_w, max(1, round(src_w * s))), max(1, round(src_h * s))
     banner = _layout_banner(w, items)
-    if max_side is None:
-        return w, h, banner
     for _ in range(8):  # a narrower frame may wrap the banner onto more lines; a few rounds settle it
-        if h + banner.height <= max_side:
+        if h + banner.height <= box_h:
             break
-        h = max(1, max_side - banner.height)
-        w = max(1, round(src_w * h / src_h))
+        h = max(1, box_h - banner.height)
+        w = min(box_w, max(1, round(src_w * h / src_h)))
         banner = _layout_banner(w, items)
-    if h + banner.height > max_side:  # pathological aspect ratios: keep the promise, squeeze the frame
-        h = max(1, max_side - banner.height)
+    if h + banner.height > box_h:  # pathological aspect ratios: keep the promise, squeeze the frame
+        h = max(1, box_h - banner.height)
+    slack = box_h - h - banner.height
+    if slack > 0 and w < box_w and h < src_h * s:  # the banner shrank with the frame: give the frame the room
+        h2 = h + slack
+        w2 = min(box_w, max(1, round(src_w * h2 / src_h)))
+        if grow or (h2 <= src_h and w2 <= src_w):
+            w, h = w2, h2  # a banner laid out for a narrower frame still fits
     return w, h, banner
 
 
@@ -237,22 +356,33 @@ def overlay_metadata(prediction: Prediction) -> dict:
             "seq": frame.seq, "source": frame.source}
 
 
-#: zlib level of overlay PNGs: 1 encodes a 1130x460 overlay in ~27 ms against ~120 ms at PIL's default 6,
-#: for files ~20 % larger; an overlay is written for every frame, so speed wins.
+#: Deflate level of overlay PNGs: 1 is the fast end that still compresses (see ``appliance.png`` and
+#: bench/overlay_bench.py); an overlay is encoded for every drawn inspection, so speed wins over size.
 PNG_COMPRESS_LEVEL = 1
 
 
-def save_overlay(path: str | Path, overlay: np.ndarray, metadata: Mapping) -> Path:
-    """Write an overlay as PNG with the verdict in EXIF, atomically.
+def encode_overlay(overlay: np.ndarray, metadata: Mapping) -> bytes:
+    """An overlay's PNG bytes with its metadata in EXIF: what ``save_overlay`` writes, encoded once.
 
-    ``metadata`` goes as compact JSON into ``Exif.UserComment``; a one-line summary
-    into ``ImageDescription``. A reader never sees a partial file: the PNG is written
-    to a hidden temporary file next to ``path`` and renamed over it.
+    ``metadata`` goes as compact JSON into ``Exif.UserComment``; a one-line summary into
+    ``ImageDescription``. The same bytes may go to several places (the file, ``latest.png``, the
+    live page) without encoding again.
 
     Args:
-        path: destination, ending in ``.png``; missing parent folders are created.
         overlay: ``HxWx3`` uint8 RGB, as ``render_overlay`` returns.
         metadata: at least the keys in ``REQUIRED_KEYS``; see ``overlay_metadata``.
+
+    """
+    if overlay.dtype != np.uint8 or overlay.ndim != 3 or overlay.shape[2] != 3:
+        raise ValueError(f"overlay must be HxWx3 uint8 RGB, got {overlay.shape} {overlay.dtype}")
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f"overlay metadata lacks {', '.join(missing)}; build it with overlay_metadata(prediction)")
+    return encode_png(overlay, _exif_bytes(metadata), PNG_COMPRESS_LEVEL)
+
+
+def save_overlay(path: str | Path, overlay: np.ndarray, metadata: Mapping) -> Path:
+    """Write an overlay as PNG with the verdict in EXIF (``encode_overlay``), atomically (``write_png``).
 
     Returns:
         The path written.
@@ -262,26 +392,37 @@ def save_overlay(path: str | Path, overlay: np.ndarray, metadata: Mapping) -> Pa
         OSError: any other failure to write.
 
     """
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"overlay path must end in .png, got {path}")
-    if overlay.dtype != np.uint8 or overlay.ndim != 3 or overlay.shape[2] != 3:
-        raise ValueError(f"overlay must be HxWx3 uint8 RGB, got {overlay.shape} {overlay.dtype}")
-    missing = [k for k in REQUIRED_KEYS if k not in metadata]
-    if missing:
-        raise ValueError(f"overlay metadata lacks {', '.join(missing)}; build it with overlay_metadata(prediction)")
+    path = _png_path(path)
+    return write_png(path, encode_overlay(overlay, metadata))
 
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(overlay)).save(buf, format="PNG", exif=_exif_bytes(metadata),
-                                                        compress_level=PNG_COMPRESS_LEVEL)
+
+def write_png(path: str | Path, data: bytes) -> Path:
+    """Write encoded PNG bytes atomically: a reader never sees a partial file.
+
+    The bytes go to a hidden temporary file next to ``path``, which is then renamed over it;
+    missing parent folders are created.
+
+    Raises:
+        ApplianceError: the disk (or quota) is full.
+        OSError: any other failure to write.
+
+    """
+    path = _png_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, buf.getvalue())
+        _write_atomic(path, data)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApplianceError(f"cannot write overlay {path}: disk full ({exc.strerror}); free space on that "
                                  "disk or lower the overlay retention") from exc
         raise
+    return path
+
+
+def _png_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"overlay path must end in .png, got {path}")
     return path
 
 
@@ -354,6 +495,25 @@ def read_overlay_metadata(path: str | Path) -> dict:
         raise ImageError(path, "no such file") from None
     except (OSError, SyntaxError) as exc:  # PIL raises UnidentifiedImageError (an OSError) or SyntaxError
         raise ImageError(path, f"is not a readable image: {exc}") from None
+    return _parse_metadata(raw, path)
+
+
+def png_overlay_metadata(data: bytes) -> dict:
+    """``read_overlay_metadata`` of overlay bytes held in memory (``encode_overlay``'s output).
+
+    Raises:
+        ImageError: not an image, or no overlay metadata.
+
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            raw = im.info.get("exif") or im.getexif().tobytes()
+    except (OSError, SyntaxError) as exc:
+        raise ImageError(None, f"overlay bytes are not a readable image: {exc}") from None
+    return _parse_metadata(raw, None)
+
+
+def _parse_metadata(raw: bytes | None, path: Path | None) -> dict:
     try:
         comment = piexif.load(raw)["Exif"].get(piexif.ExifIFD.UserComment) if raw else None
         if comment is None:

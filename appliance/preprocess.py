@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError, ImageError
+from .frame_format import FrameFormat
 from .imaging import to_rgb8
 
 #: Feature stride of the backbone's patch grid; tile origins are multiples of it.
@@ -49,6 +50,8 @@ ASPECT_TOLERANCE = 0.02
 RESIZE_POLICIES = ("fixed", "stretch", "letterbox")
 #: Letterbox padding: mirrored content (no artificial edge at the frame's border).
 _PAD_BORDER = cv2.BORDER_REFLECT_101
+#: Smallest frame-size limit (pixels) of ``frame_pixel_limit``, whatever the model's frames.
+MIN_PIXEL_LIMIT = 1_000_000
 
 
 def round_to(value: float, multiple: int = MULTIPLE) -> int:
@@ -71,6 +74,9 @@ class PreprocessSpec:
             or ``linear`` (about 1 ms less per 1-megapixel frame).
         resize: ``fixed``, ``stretch`` or ``letterbox`` (see the module docstring). With
             ``stretch`` and ``letterbox``, ``source_size`` is the typical (median) frame size.
+        frame: the training frames' channels and bit depth, and whether other frames are refused
+            or converted to grey (``appliance.frame_format``); ``None`` in bundles written before it
+            was recorded (format 3): no check.
 
     """
 
@@ -82,6 +88,7 @@ class PreprocessSpec:
     white_level: int | None = None
     interpolation: str = "linear"
     resize: str = "fixed"
+    frame: FrameFormat | None = None
 
     def __post_init__(self) -> None:
         check_spec(self)
@@ -97,6 +104,8 @@ class PreprocessSpec:
         if unknown:
             raise ConfigError(f"preprocess: unknown keys {sorted(unknown)}")
         tup = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if isinstance(tup.get("frame"), dict):
+            tup["frame"] = FrameFormat.from_dict(tup["frame"])
         return cls(**tup)
 
     @classmethod
@@ -111,6 +120,7 @@ class PreprocessSpec:
         white_level: int | None = None,
         interpolation: str = "linear",
         resize: str = "fixed",
+        frame: FrameFormat | None = None,
     ) -> PreprocessSpec:
         """A spec whose working width keeps the (ROI's) aspect ratio unless ``width`` is given.
 
@@ -121,7 +131,7 @@ class PreprocessSpec:
         h = round_to(height) if height is not None else max(MULTIPLE, rh // MULTIPLE * MULTIPLE)
         w = round_to(width) if width else round_to(h * rw / rh)
         return cls(tuple(source_size), (h, w), tile and tuple(tile), overlap, roi and tuple(roi), white_level,
-                   interpolation, resize)
+                   interpolation, resize, frame)
 
 
 def check_spec(spec: PreprocessSpec) -> None:
@@ -154,6 +164,22 @@ def check_spec(spec: PreprocessSpec) -> None:
                           f"varying size), got resize {spec.resize!r}")
     if spec.white_level is not None and not 1 <= spec.white_level <= 65535:
         raise ConfigError(f"preprocess.white_level must be in [1, 65535], got {spec.white_level}")
+    if spec.frame is not None and not isinstance(spec.frame, FrameFormat):
+        raise ConfigError(f"preprocess.frame must be a frame format, got {spec.frame!r}")
+
+
+def frame_pixel_limit(spec: PreprocessSpec, factor: float = 4.0) -> int:
+    """The most pixels a frame for this model may have; larger ones are refused before they are decoded.
+
+    The rule: ``factor`` (4) times the pixels of the model's source frames (``spec.source_size``: the
+    training frames' size, or their median size for ``stretch`` and ``letterbox``), and never less than
+    1 megapixel. A frame 4x the expected size is a misconfigured camera or a wrong file, and one of
+    400 megapixels would take gigabytes and tens of seconds to decode before it could be refused.
+    """
+    if factor <= 0:
+        raise ConfigError(f"frame pixel limit factor must be positive, got {factor}")
+    sh, sw = spec.source_size
+    return max(MIN_PIXEL_LIMIT, int(factor * sh * sw))
 
 
 def _origins(total: int, tile: int, overlap: int) -> list[int]:
@@ -263,8 +289,15 @@ class Preprocessor:
         return (H - h) // 2, (W - w) // 2, h, w
 
     def working_image(self, image: np.ndarray) -> np.ndarray:
-        """ROI crop, 8-bit RGB, brought to the working size by the spec's resize policy: ``[H, W, 3]`` uint8."""
-        region = to_rgb8(self.region(image), self.spec.white_level)
+        """ROI crop, 8-bit RGB, brought to the working size by the spec's resize policy: ``[H, W, 3]`` uint8.
+
+        A frame whose channels or bit depth differ from the model's (``spec.frame``) is refused or converted here,
+        the one place fit, predict, eval and the daemon share.
+        """
+        region = self.region(image)
+        if self.spec.frame is not None:
+            region = self.spec.frame.apply(region)
+        region = to_rgb8(region, self.spec.white_level)
         H, W = self.spec.size  # noqa: N806
         y, x, h, w = self.letterbox_box(region.shape[:2])
         rh, rw = region.shape[:2]

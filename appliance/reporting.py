@@ -23,8 +23,8 @@ CORE_FIELDS = ("path", "camera", "seq", "verdict", "score", "threshold", "thresh
                "model_id", "overlay", "error")
 #: Known stages, in pipeline order; other timing keys follow sorted.
 TIMING_ORDER = ("preprocess", "backbone", "backbone_wait", "scorer", "compute", "total")
-#: Verdicts always counted in a summary, even at zero.
-VERDICTS = ("good", "anomalous", "error")
+#: Verdicts always counted in a summary, even at zero (the daemon's words; on screen in capitals).
+VERDICTS = ("ok", "ng", "error")
 
 
 def prediction_record(path: str, prediction: Prediction, *, overlay: str | None = None) -> dict:
@@ -56,7 +56,7 @@ def error_record(path: str, error: str) -> dict:
 
 
 def summary(records: Iterable[dict]) -> dict[str, int]:
-    """Count records by verdict (``good``, ``anomalous`` and ``error`` always present) and in ``total``."""
+    """Count records by verdict (``ok``, ``ng`` and ``error`` always present) and in ``total``."""
     counts = Counter(str(r.get("verdict")) for r in records)
     out = {v: counts.pop(v, 0) for v in VERDICTS}
     out |= dict(sorted(counts.items()))

@@ -30,6 +30,7 @@ from .calibration import calibrate
 from .datasets import Dataset, Sample
 from .engine import Engine
 from .errors import ApplianceError, BackboneError, ConfigError, DatasetError
+from .frame_format import survey as survey_frames
 from .geometry import choose as choose_geometry
 from .imaging import read_image, read_mask
 from .position_norm import MIN_IMAGES, PositionNorm
@@ -60,6 +61,9 @@ class FitOptions:
         resize: ``fixed``, ``stretch``, ``letterbox``, or ``None`` to choose from the training
             images' sizes (``geometry.choose``).
         valid_mask: path of a source-size mask of the area to inspect (non-zero = inspect).
+        frame_convert: ``refuse``: the model takes frames of its training images' channels and bit depth
+            (which must all be the same) and refuses others; ``grey``: every frame, training and
+            inspected, is converted to grey luminance first (``appliance.frame_format``).
         precision: backbone precision, ``f32`` or ``bf16``.
         threads: CPU threads (``None``: all).
         target_false_reject_rate: threshold target when there are no labelled defects.
@@ -84,6 +88,7 @@ class FitOptions:
     interpolation: str = "linear"
     resize: str | None = None
     valid_mask: str | None = None
+    frame_convert: str = "refuse"
     precision: str = "f32"
     threads: int | None = None
     target_false_reject_rate: float = 0.01
@@ -245,15 +250,20 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
         notify(f"resize   {geometry.reason}")
     skipped: list[tuple[str, str]] = list(geometry.unreadable)
     check_skipped(skipped, len(dataset.train), "training images")
+    readable = [s for s in dataset.train if str(s.path) not in {p for p, _ in geometry.unreadable}]
+    frame = survey_frames([s.path for s in readable], options.frame_convert)
+    if notify:
+        rule = "every frame is converted to grey first" if frame.convert == "grey" else "other frames are refused"
+        notify(f"frames   {frame.describe()} ({rule})")
     source_size = geometry.source_size
     width = options.width
     if width is None and geometry.resize != "fixed" and options.height is not None:
         width = round_to(options.height * geometry.aspect)
     spec = PreprocessSpec.for_source(source_size, options.height, width, options.tile, options.overlap,
-                                     options.roi, options.white_level, options.interpolation, geometry.resize)
+                                     options.roi, options.white_level, options.interpolation, geometry.resize,
+                                     frame)
     pre = Preprocessor(spec)
     valid_mask = _load_valid_mask(options.valid_mask, source_size)
-    readable = [s for s in dataset.train if str(s.path) not in {p for p, _ in geometry.unreadable}]
     plan = plan_tiles(spec)
     if options.scorer not in SCORERS:
         raise ConfigError(f"unknown scorer type {options.scorer!r}; available: {sorted(SCORERS)}")

@@ -47,11 +47,14 @@ class Score:
         image_score: raw image-level score (larger is more anomalous).
         patch_map: raw per-patch scores stitched over the working image, ``[H/8, W/8]``;
             the full-resolution anomaly map is derived from it only when needed.
+        embedding: the frame's backbone features averaged over every patch and tile, ``[C]``
+            float32: the engine's tap for drift statistics (no second backbone pass).
 
     """
 
     image_score: float
     patch_map: np.ndarray
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ class Decision:
 
     @property
     def verdict(self) -> str:
-        """``"anomalous"`` or ``"good"``."""
-        return "anomalous" if self.anomalous else "good"
+        """``"ng"`` (score at or above the threshold) or ``"ok"``: the words of the daemon, MQTT and the audit log."""
+        return "ng" if self.anomalous else "ok"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def record(recorder: Recorder, publisher: MqttPublisher, seq: int) -> Inspection
     rec = Inspection(id=new_inspection_id(now), camera=f"cam{seq % 2}", seq=seq, captured_at=now - 0.03,
                      finished_at=now, verdict="ok", model_id="bench", bank_hash="0", threshold=0.5,
                      threshold_source="bundle", raw_score=1.0, score=0.2, latency_ms={"total": 30.0})
-    recorder.record(rec, ["mqtt"], outbox={"mqtt": publisher.payload(rec)}, then=lambda: publisher.publish(rec))
+    recorder.record(rec, ["mqtt"], outbox={"mqtt": publisher.payload(rec)}, then=lambda _c: publisher.publish(rec))
     return rec
 
 

@@ -169,7 +169,9 @@ ln -s "$PREFIX/bin/appliance" "$STAGE/usr/bin/appliance"
 install -m 0644 "$REPO/systemd/$PACKAGE.service" "$STAGE/lib/systemd/system/$PACKAGE.service"
 install -m 0644 "$HERE/config.toml" "$STAGE/etc/$PACKAGE/config.toml"
 install -m 0644 "$HERE/copyright" "$STAGE/usr/share/doc/$PACKAGE/copyright"
-install -m 0644 "$REPO/docs/install.md" "$STAGE/usr/share/doc/$PACKAGE/install.md"
+for doc in install daemon mqtt modbus-register-map opcua; do
+    install -m 0644 "$REPO/docs/$doc.md" "$STAGE/usr/share/doc/$PACKAGE/$doc.md"
+done
 install -m 0644 "$HERE/lintian-overrides" "$STAGE/usr/share/lintian/overrides/$PACKAGE"
 gzip -9n < "$HERE/appliance.1" > "$STAGE/usr/share/man/man1/appliance.1.gz"
 DATE=$(date -R -d "@${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}")

@@ -18,7 +18,7 @@ import pytest
 from appliance import bundle as bundle_module
 from appliance.bundle import FORMAT_VERSION, MANIFEST, load_bundle, pack, verify_files
 from appliance.datasets import Dataset, load_mvtec
-from appliance.errors import BundleError, DatasetError
+from appliance.errors import BundleError, DatasetError, ImageError
 from appliance.imaging import read_image
 from appliance.position_norm import PositionNorm
 from appliance.training import FitOptions, FitReport, fit, in_order
@@ -357,6 +357,38 @@ def test_stripped_signature_is_refused_when_a_key_is_configured(copy: Path, fitt
     assert "signature" not in manifest_of(copy)
     with pytest.raises(BundleError, match="signature is missing or wrong"):
         load(copy, fitted)
+
+
+# --- frame format ---------------------------------------------------------------------------------------------------
+
+
+def test_bundle_records_its_frame_format_and_refuses_frames_of_another(fitted: Fitted) -> None:
+    assert manifest_of(fitted.report.bundle)["preprocess"]["frame"] == {"channels": 3, "bits": 8, "convert": "refuse"}
+    engine = load(fitted.report.bundle, fitted)
+    good = read_image(next(s.path for s in fitted.dataset.test if s.label == "good"))
+    assert not engine.predict(good).decision.anomalous
+    grey = cv2.cvtColor(good, cv2.COLOR_RGB2GRAY)  # the same good part, saved grey
+    with pytest.raises(ImageError, match=r"^frame is grey 8-bit but the model was fitted on RGB 8-bit frames; set the "
+                                         r"camera to colour \(RGB\) output, or fit a model on grey 8-bit frames"):
+        engine.predict(grey)
+    deep = good.astype(np.uint16) * 257  # the same pixels from a 16-bit camera
+    with pytest.raises(ImageError, match=r"^frame is RGB 16-bit but the model was fitted on RGB 8-bit frames; set the "
+                                         "camera's pixel format to 8 bits, or fit a model on 16-bit frames"):
+        engine.predict(deep)
+
+
+def test_a_format_3_bundle_without_a_frame_format_scores_grey_frames_as_before(copy: Path, fitted: Fitted) -> None:
+    def as_format_3(m: dict) -> None:
+        m["format_version"] = 3
+        del m["preprocess"]["frame"]
+
+    rewrite_manifest(copy, as_format_3)
+    engine = load(copy, fitted)
+    assert engine.spec.frame is None
+    good = read_image(next(s.path for s in fitted.dataset.test if s.label == "good"))
+    grey = cv2.cvtColor(good, cv2.COLOR_RGB2GRAY)
+    assert engine.predict(grey).score.image_score == pytest.approx(
+        engine.predict(np.repeat(grey[:, :, None], 3, 2)).score.image_score, rel=1e-6)  # grey copied into RGB
 
 
 # --- golden images --------------------------------------------------------------------------------------------------

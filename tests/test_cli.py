@@ -72,8 +72,8 @@ def test_predict_json_scores_real_defects_above_good_images(bundle: Path, tmp_pa
     # Real pitting should rank above real good images for most pairs (not a fixed number: a real measurement).
     assert image_auroc(labels, [r["score"] for r in results]) > 0.7
     for r in results:
-        assert 0.0 <= r["score"] <= 1.0 and r["verdict"] in ("good", "anomalous")
-        assert (r["verdict"] == "anomalous") == (r["score"] >= r["threshold"])
+        assert 0.0 <= r["score"] <= 1.0 and r["verdict"] in ("ok", "ng")
+        assert (r["verdict"] == "ng") == (r["score"] >= r["threshold"])
         meta = read_overlay_metadata(r["overlay"])
         assert meta["model_id"] == r["model_id"] and meta["verdict"] == r["verdict"]
         assert meta["score"] == pytest.approx(r["score"])
@@ -90,7 +90,7 @@ def test_predict_skips_and_reports_bad_files(bundle: Path, tmp_path: Path) -> No
     assert code == 1  # it ran, but inputs failed: never a silent success
     rows = list(csv.DictReader(io.StringIO(text[text.index("path"):])))
     by_name = {Path(r["path"]).name: r for r in rows}
-    assert by_name["ok.jpg"]["verdict"] in ("good", "anomalous")
+    assert by_name["ok.jpg"]["verdict"] in ("ok", "ng")
     for name in ("empty.png", "corrupt.jpg", "missing.png"):
         assert by_name[name]["verdict"] == "error" and by_name[name]["error"]
     assert "0 bytes" in by_name["empty.png"]["error"]

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from appliance.decision import DEFAULT_THRESHOLD, decide
 
 
-def test_at_the_threshold_is_anomalous_and_below_is_good() -> None:
-    assert decide(0.5).anomalous and decide(0.5).verdict == "anomalous"
-    assert not decide(0.4999).anomalous and decide(0.4999).verdict == "good"
-    assert decide(0.7, 0.8).verdict == "good" and decide(0.3, 0.2).verdict == "anomalous"
+def test_at_the_threshold_is_ng_and_below_is_ok() -> None:
+    assert decide(0.5).anomalous and decide(0.5).verdict == "ng"
+    assert not decide(0.4999).anomalous and decide(0.4999).verdict == "ok"
+    assert decide(0.7, 0.8).verdict == "ok" and decide(0.3, 0.2).verdict == "ng"
 
 
 def test_the_threshold_and_its_source_are_recorded() -> None:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import tempfile
+import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import piexif
 import piexif.helper
 import pytest
 from PIL import Image
 
-from appliance import __version__, overlay
+from appliance import __version__, overlay, png
 from appliance.errors import ApplianceError, ImageError
 from appliance.imaging import to_rgb8
 from appliance.overlay import (
@@ -28,7 +31,7 @@ from appliance.overlay import (
 )
 from appliance.types import Decision, Frame, Prediction, Score
 
-KW = {"score": 0.734, "threshold": 0.5, "verdict": "anomalous", "model_id": "patchcore-test-1"}
+KW = {"score": 0.734, "threshold": 0.5, "verdict": "ng", "model_id": "patchcore-test-1"}
 
 
 def textured(h, w, dtype=np.uint8, rgb=False):
@@ -133,7 +136,7 @@ def test_heat_fades_in_below_threshold():
     assert diff[0] < diff[1] < diff[2] < diff[3]
 
 
-@pytest.mark.parametrize("verdict", ["anomalous", "good"])
+@pytest.mark.parametrize("verdict", ["ng", "ok"])
 def test_banner_verdict_is_colour_coded(verdict):
     out = render_overlay(textured(100, 400), np.zeros((100, 400), np.float32), **{**KW, "verdict": verdict})
     banner = out[:-100].astype(int)
@@ -141,7 +144,7 @@ def test_banner_verdict_is_colour_coded(verdict):
     def has(rgb):
         return (np.abs(banner - np.array(rgb)).sum(axis=2) < 30).sum() > 20
 
-    other = "good" if verdict == "anomalous" else "anomalous"
+    other = "ok" if verdict == "ng" else "ng"
     assert has(VERDICT_RGB[verdict])
     assert not has(VERDICT_RGB[other])
 
@@ -163,7 +166,7 @@ def metadata():
 def test_overlay_metadata_has_the_required_keys():
     md = overlay_metadata(prediction())
     assert set(REQUIRED_KEYS) <= set(md)
-    assert md["verdict"] == "anomalous" and md["raw_score"] == 12.5 and md["source"] == "/data/in/a.png"
+    assert md["verdict"] == "ng" and md["raw_score"] == 12.5 and md["source"] == "/data/in/a.png"
 
 
 def test_save_round_trip(tmp_path):
@@ -179,7 +182,7 @@ def test_save_round_trip(tmp_path):
         exif = piexif.load(im.info["exif"])
     assert exif["0th"][piexif.ImageIFD.Software] == f"anomaly-appliance {__version__}".encode()
     desc = exif["0th"][piexif.ImageIFD.ImageDescription].decode("ascii")
-    assert desc.startswith("ANOMALOUS score 0.734 threshold 0.500 model patchcore-test-1")
+    assert desc.startswith("NG score 0.734 threshold 0.500 model patchcore-test-1")
     comment = piexif.helper.UserComment.load(exif["Exif"][piexif.ExifIFD.UserComment])
     assert json.loads(comment) == md
     assert exif["Exif"][piexif.ExifIFD.DateTimeOriginal] == b"2025:06:15 15:06:40"
@@ -250,3 +253,70 @@ def test_read_metadata_errors(tmp_path):
     junk.write_bytes(b"not an image")
     with pytest.raises(ImageError, match="not a readable image"):
         read_overlay_metadata(junk)
+
+
+# --------------------------------------------------------------------------- drawn at panel size, encoded once
+
+
+def test_blend_matches_a_float_reference():
+    """The LUT blend (heat quantised to 256 levels) against the obvious float formula, pixel for pixel."""
+    image = textured(120, 160, rgb=True)
+    anomaly = blob_map(120, 160, 60, 90, peak=0.95, base=0.05, sigma=25)
+    out = render_overlay(image, anomaly, **KW, max_side=None)[-120:]
+    lo = KW["threshold"] - overlay.FADE_BELOW
+    t = np.clip((anomaly - lo) / (KW["threshold"] - lo), 0, 1)
+    weight = (0.45 * t * t * (3 - 2 * t))[..., None]
+    colours = cv2.cvtColor(cv2.applyColorMap(np.round(anomaly * 255).astype(np.uint8), cv2.COLORMAP_JET),
+                           cv2.COLOR_BGR2RGB)
+    expected = np.round(image * (1 - weight) + colours * weight)
+    outside = ~contour_pixels(out)
+    diff = np.abs(out.astype(int) - expected)[outside]
+    assert diff.max() <= 3 and diff.mean() < 0.5
+
+
+@pytest.mark.parametrize(("shape", "panel"), [((460, 1130), (1024, 600)), ((600, 200), (1024, 600)),
+                                              ((40, 60), (320, 200)), ((500, 500), (1024, 600))])
+def test_render_panel_fills_the_panel_with_the_aspect_kept(shape, panel):
+    width, height = panel
+    h, w = shape
+    out = overlay.render_panel(textured(h, w, rgb=True), blob_map(h, w, h // 2, w // 2, sigma=h / 8), width, height,
+                               **KW)
+    assert out.shape == (height, width, 3) and out.dtype == np.uint8
+    content = ~np.all(out == np.array(overlay.PAD_RGB, np.uint8), axis=2)
+    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+    assert rows[-1] - rows[0] + 1 == height or cols[-1] - cols[0] + 1 == width  # enlarged or shrunk to fit
+    box = out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    banner = np.flatnonzero(np.all(box == np.array(overlay.BANNER_RGB, np.uint8), axis=2).mean(axis=1) > 0.2)
+    frame_h = box.shape[0] - banner[-1] - 1
+    assert abs((box.shape[1] / frame_h) / (w / h) - 1) < 0.02
+    assert contour_pixels(out).any()
+
+
+def test_a_panel_too_small_for_the_banner_still_holds_everything():
+    out = overlay.render_panel(textured(300, 900), blob_map(300, 900, 150, 450, sigma=30), 64, 64,
+                               **{**KW, "model_id": "a-very-long-model-identifier-2026-11-30"})
+    assert out.shape == (64, 64, 3)
+
+
+def test_encoded_overlay_is_a_standard_png_with_the_metadata(monkeypatch):
+    img = overlay.render_panel(textured(46, 113, rgb=True), blob_map(46, 113, 20, 50), 256, 150, **KW)
+    md = metadata()
+    for deflate in ("installed", "zlib"):
+        if deflate == "zlib":  # what a device without ISA-L writes
+            monkeypatch.setattr(png, "COMPRESS", zlib.compress)
+        data = overlay.encode_overlay(img, md)
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # chunk CRCs and structure
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "PNG" and im.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(im), img)
+        np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1], img)
+        assert overlay.png_overlay_metadata(data) == md
+
+
+def test_png_overlay_metadata_errors():
+    with pytest.raises(ImageError, match="not a readable image"):
+        overlay.png_overlay_metadata(b"not a png")
+    plain = png.encode_png(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ImageError, match="no overlay metadata"):
+        overlay.png_overlay_metadata(plain)

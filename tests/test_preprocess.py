@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from appliance.errors import ConfigError, ImageError
-from appliance.preprocess import STRIDE, Preprocessor, PreprocessSpec, plan_tiles, round_to
+from appliance.frame_format import FrameFormat
+from appliance.preprocess import STRIDE, Preprocessor, PreprocessSpec, frame_pixel_limit, plan_tiles, round_to
 
 # --- PreprocessSpec validation ------------------------------------------------------------------------------------
 
@@ -51,6 +52,40 @@ def test_from_dict_refuses_unknown_keys() -> None:
     data = PreprocessSpec((10, 10), (16, 16)).to_dict() | {"stride": 8}
     with pytest.raises(ConfigError, match=r"unknown keys \['stride'\]"):
         PreprocessSpec.from_dict(data)
+    data = PreprocessSpec((10, 10), (16, 16), frame=FrameFormat(3, 8)).to_dict()
+    data["frame"]["gamma"] = 2.2
+    with pytest.raises(ConfigError, match=r"preprocess\.frame: unknown keys \['gamma'\]"):
+        PreprocessSpec.from_dict(data)
+
+
+def test_frame_format_round_trips_and_a_format_3_spec_has_none() -> None:
+    spec = PreprocessSpec((100, 200), (64, 128), frame=FrameFormat(1, 16, "grey"))
+    assert spec.to_dict()["frame"] == {"channels": 1, "bits": 16, "convert": "grey"}
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    v3 = {"source_size": [100, 200], "size": [64, 128], "tile": None, "overlap": 32, "roi": None, "white_level": None,
+          "interpolation": "linear", "resize": "fixed"}  # a manifest's preprocess before frame formats were recorded
+    old = PreprocessSpec.from_dict(v3)
+    assert old.frame is None
+    grey = np.full((100, 200), 77, np.uint8)
+    np.testing.assert_array_equal(Preprocessor(old).working_image(grey), np.full((64, 128, 3), 77, np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("source_size", "factor", "limit"),
+    [
+        ((460, 1130), 4.0, 4 * 460 * 1130),  # 0.52 MP frames: 2.08 MP
+        ((2048, 2448), 4.0, 4 * 2048 * 2448),
+        ((2048, 2448), 1.5, int(1.5 * 2048 * 2448)),
+        ((96, 160), 4.0, 1_000_000),  # a small model still takes a 1 MP camera's frames
+    ],
+)
+def test_frame_pixel_limit_is_a_multiple_of_the_source_frame_with_a_floor(source_size, factor, limit) -> None:
+    assert frame_pixel_limit(PreprocessSpec(source_size, (64, 64)), factor) == limit
+
+
+def test_frame_pixel_limit_refuses_a_factor_that_is_not_positive() -> None:
+    with pytest.raises(ConfigError, match="factor must be positive"):
+        frame_pixel_limit(PreprocessSpec((100, 100), (64, 64)), 0)
 
 
 # --- for_source ----------------------------------------------------------------------------------------------------
@@ -220,6 +255,37 @@ def test_white_level_scales_12_bit_frames() -> None:
     work = Preprocessor(spec).working_image(frame)
     assert (work[1:, :] == 255).all()
     assert tuple(work[0, 0]) == (0, 128, 255)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (np.zeros((32, 48), np.uint8), "frame is grey 8-bit but the model was fitted on RGB 8-bit frames; set the "
+                                       "camera to colour"),
+        (np.zeros((32, 48, 3), np.uint16), "frame is RGB 16-bit but the model was fitted on RGB 8-bit frames; set "
+                                           "the camera's pixel format to 8 bits"),
+    ],
+)
+def test_a_frame_of_another_format_is_refused_by_a_model_that_records_its_format(frame, message) -> None:
+    pre = Preprocessor(PreprocessSpec((32, 48), (32, 48), frame=FrameFormat(3, 8)))
+    with pytest.raises(ImageError, match=message):
+        pre.tiles(frame)
+    assert pre.tiles(np.zeros((32, 48, 3), np.uint8)).shape == (1, 32, 48, 3)
+
+
+def test_a_grey_converting_model_takes_colour_and_grey_frames_alike() -> None:
+    pre = Preprocessor(PreprocessSpec((32, 48), (32, 48), frame=FrameFormat(1, 8, "grey")))
+    rgb = np.random.default_rng(5).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    np.testing.assert_array_equal(pre.working_image(rgb), pre.working_image(grey))
+    np.testing.assert_array_equal(pre.working_image(grey), np.repeat(grey[:, :, None], 3, 2))
+    with pytest.raises(ImageError, match="frame is grey 16-bit but the model was fitted on grey 8-bit frames"):
+        pre.tiles(rgb.astype(np.uint16) * 256)
+
+
+def test_the_valid_area_mask_is_not_a_frame() -> None:
+    spec = PreprocessSpec((32, 48), (32, 48), frame=FrameFormat(3, 8))
+    assert Preprocessor(spec).valid_patches(np.ones((32, 48), bool)).all()
 
 
 @pytest.mark.parametrize("shape", [(96, 96, 3), (100, 160, 3), (160, 96, 3)])

@@ -43,11 +43,11 @@ def records():
 def test_prediction_record_is_flat_and_rounded(records):
     r = records[0]
     assert r == {"path": "in/a.png", "camera": "cam-1", "seq": 1, "model_id": "padim-1", "raw_score": 15.5,
-                 "score": 0.8123, "threshold": 0.5, "threshold_source": "bundle", "verdict": "anomalous",
+                 "score": 0.8123, "threshold": 0.5, "threshold_source": "bundle", "verdict": "ng",
                  "preprocess_ms": 1.23, "backbone_ms": 20.0, "scorer_ms": 3.0, "total_ms": 24.24,
                  "overlay": "out/a.png"}
-    assert records[1]["overlay"] is None and records[1]["verdict"] == "good"
-    assert records[3]["verdict"] == "anomalous"  # score == threshold is anomalous
+    assert records[1]["overlay"] is None and records[1]["verdict"] == "ok"
+    assert records[3]["verdict"] == "ng"  # score == threshold is NG
     json.dumps(records, allow_nan=False)
 
 
@@ -62,8 +62,8 @@ def test_error_record():
 
 
 def test_summary_counts_by_verdict(records):
-    assert summary(records) == {"good": 1, "anomalous": 2, "error": 1, "total": 4}
-    assert summary([]) == {"good": 0, "anomalous": 0, "error": 0, "total": 0}
+    assert summary(records) == {"ok": 1, "ng": 2, "error": 1, "total": 4}
+    assert summary([]) == {"ok": 0, "ng": 0, "error": 0, "total": 0}
 
 
 def test_json_round_trip_to_path_and_stream(records, tmp_path):
@@ -71,7 +71,7 @@ def test_json_round_trip_to_path_and_stream(records, tmp_path):
     write_json(records, path)
     doc = json.loads(path.read_text(encoding="utf-8"))
     assert doc["results"] == records
-    assert doc["summary"] == {"good": 1, "anomalous": 2, "error": 1, "total": 4}
+    assert doc["summary"] == {"ok": 1, "ng": 2, "error": 1, "total": 4}
 
     buf = io.StringIO()
     write_json(records, buf)
@@ -89,7 +89,7 @@ def test_csv_round_trip(records, tmp_path):
     # union of keys, timings in pipeline order
     assert header[len(CORE_FIELDS):] == ["preprocess_ms", "backbone_ms", "backbone_wait_ms", "scorer_ms", "total_ms"]
     assert len(rows) == 4
-    assert [r["verdict"] for r in rows] == ["anomalous", "good", "error", "anomalous"]
+    assert [r["verdict"] for r in rows] == ["ng", "ok", "error", "ng"]
     assert float(rows[0]["score"]) == 0.8123 and rows[0]["overlay"] == "out/a.png"
     assert rows[1]["overlay"] == "" and rows[1]["backbone_wait_ms"] == ""
     assert rows[2]["score"] == "" and rows[2]["error"] == "in/c.png: is empty (0 bytes)"
@@ -113,7 +113,7 @@ def test_format_lines_aligned(records):
     text = format_lines(records)
     lines = text.split("\n")
     assert len(lines) == 4 and not text.endswith("\n")
-    assert lines[0].startswith("ANOMALOUS") and lines[1].startswith("GOOD") and lines[2].startswith("ERROR")
+    assert lines[0].startswith("NG ") and lines[1].startswith("OK ") and lines[2].startswith("ERROR")
     assert "0.812" in lines[0] and "/ 0.500" in lines[0] and "24.2 ms" in lines[0]
     assert lines[0].endswith("in/a.png -> out/a.png")
     assert lines[2].endswith("  in/c.png: is empty (0 bytes)")  # the path once, though the error names it

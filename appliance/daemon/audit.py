@@ -14,10 +14,18 @@ batch, not per frame. ``NORMAL`` is allowed: in WAL it survives a process crash 
 but may lose the last transactions on power loss.
 
 A failing write (full disk, read-only folder) never stops the daemon: ``state()`` turns
-``error`` with the reason, ``then()`` still runs (outputs keep delivering), and the records
-wait in a bounded in-memory backlog that is retried with backoff; overflow drops the oldest
-and counts them. Retention (age, then size) runs on the writer thread too. The schema and
-retention themselves are plain functions in ``audit_db.py``.
+``error`` with the reason, ``then(False)`` still runs (outputs keep delivering, durable ones
+from memory), and the records wait in a bounded in-memory backlog that is retried with backoff;
+overflow drops the oldest and counts them. What is still unwritten when the log closes is spilled
+to a JSON-lines file (beside the database, else in the other folders given) and written into the
+database at the next start, so no result that an output showed goes unrecorded without a trace.
+
+Every row carries the daemon run that wrote it (``run_id``). At start the log notices a previous
+run that ended without an orderly stop (a kill -9, a crash, a power cut) and records it
+(``unclean_stop``); deliveries that nothing will ever finish are marked ``dropped`` with why, and
+a dropped or failed overlay no longer names its file in the inspection's row. Retention (age,
+then size) runs on the writer thread too. The schema and retention themselves are plain
+functions in ``audit_db.py``.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +49,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlite_utils import Database
 
 from ..errors import AuditError
-from .audit_db import DELIVERY_STATUSES, event_row, iso_utc, open_reader, open_writer, retain
+from .audit_db import (
+    DELIVERY_STATUSES,
+    abandon_pending,
+    event_row,
+    iso_utc,
+    open_reader,
+    open_writer,
+    retain,
+    unclean_previous_run,
+)
 from .records import Inspection
 
 log = logging.getLogger(__name__)
@@ -62,11 +80,17 @@ class AuditConfig(BaseModel):
         return self.path if self.path is not None else Path(state_dir) / "audit.db"
 
 
+#: Called once per record after its transaction: ``True`` committed, ``False`` kept in the backlog.
+Then = Callable[[bool], None]
+#: Spill files of records the log could not write before it closed: ``audit-spill-<run id>.jsonl``.
+SPILL_GLOB = "audit-spill-*.jsonl"
+
+
 @dataclass(slots=True)
 class _Record:
     row: dict[str, Any]
     deliveries: list[dict[str, Any]]
-    then: Callable[[], None] | None
+    then: Then | None
 
 
 @dataclass(slots=True)
@@ -104,11 +128,16 @@ class Recorder:
 
     def __init__(self, path: Path, *, synchronous: str = "full", retention_days: float = 90.0,
                  max_mb: float = 2048.0, batch: int = 256, retention_interval_s: float = 300.0,
-                 backlog: int = 10_000, retry_s: float = 1.0, retry_max_s: float = 60.0,
-                 queue_size: int = 65_536) -> None:
+                 backlog: int = 10_000, retry_s: float = 1.0, retry_max_s: float = 10.0,
+                 queue_size: int = 65_536, run_id: str | None = None, artifacts: Mapping[str, str] | None = None,
+                 spill_dirs: Iterable[Path] = ()) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.path = Path(path)
+        self.run_id = run_id or os.urandom(4).hex()
+        #: output -> inspections column naming the file it writes; cleared when that delivery is not made
+        self.artifacts = dict(artifacts or {})
+        self.spill_dirs = [self.path.parent, *(Path(d) for d in spill_dirs)]
         self.synchronous = synchronous
         self.retention_days, self.max_mb, self.batch = retention_days, max_mb, max(1, int(batch))
         self.retention_interval_s = retention_interval_s
@@ -138,14 +167,45 @@ class Recorder:
 
     # --- the callers' side -------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Open (or create) the database and start the writer; raise ``AuditError`` if it cannot be opened."""
+    def start(self, durable: Iterable[str] = ()) -> dict[str, Any] | None:
+        """Open (or create) the database, settle what earlier runs left, start the writer.
+
+        Records an earlier run spilled are written; deliveries pending from earlier runs are marked
+        ``dropped`` unless their output is ``durable`` (it resends its outbox). Returns the previous
+        run (see ``unclean_previous_run``) when it ended uncleanly, after auditing an ``unclean_stop``.
+
+        Raises:
+            AuditError: the database cannot be opened.
+
+        """
         if self._thread is not None:
-            return
+            return None
         self._db = open_writer(self.path, self.synchronous)
+        try:
+            self._write_spills()
+            previous = unclean_previous_run(self._db)
+            left = [r[0] for r in self._db.execute("SELECT DISTINCT output FROM deliveries WHERE status = 'pending'")]
+            dropped = abandon_pending(self._db, [o for o in left if o not in set(durable)],
+                                      "not delivered: the daemon stopped before this output took it",
+                                      self.artifacts)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise AuditError(f"cannot settle the audit database {self.path}: {exc}") from exc
+        if previous is not None:
+            last = previous["last_inspection_at"]
+            self._queue.put(_Event(event_row(
+                "unclean_stop", detail=f"the previous run (pid {previous['pid']}) ended without an orderly stop "
+                f"(killed, crashed or power lost); its last inspection finished at "
+                f"{iso_utc(last) if last else 'none'}", data=previous | {"abandoned_deliveries": dropped},
+                run_id=self.run_id)))
         self._retention_at = time.monotonic()  # a first pass at once: the device may have been off for months
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
+        return previous
+
+    def abandon(self, outputs: Sequence[str], detail: str, timeout: float = 10.0) -> dict[str, int]:
+        """Mark every ``pending`` delivery of ``outputs`` ``dropped`` with ``detail`` (at an orderly stop)."""
+        return self.on_writer(lambda db: abandon_pending(db, list(outputs), detail, self.artifacts), timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write everything queued, checkpoint and close; must not raise.
@@ -170,9 +230,10 @@ class Recorder:
                 self._reader = None
 
     def record(self, inspection: Inspection, outputs: Sequence[str], outbox: Mapping[str, str] | None = None,
-               then: Callable[[], None] | None = None) -> None:
-        """Queue an inspection and a ``pending`` delivery per output; call ``then()`` after its COMMIT.
+               then: Then | None = None) -> None:
+        """Queue an inspection and a ``pending`` delivery per output; call ``then(True)`` after its COMMIT.
 
+        ``then(False)`` when the write failed and the record waits in the backlog (a full disk).
         ``outbox`` maps some of ``outputs`` to the payload they must deliver even across a restart.
         """
         outbox = outbox or {}
@@ -180,6 +241,7 @@ class Recorder:
         if unknown:
             raise ValueError(f"outbox names outputs that are not among the outputs: {sorted(unknown)}")
         row = inspection.to_dict()
+        row["run_id"] = self.run_id
         row["time"] = iso_utc(inspection.captured_at)
         row["latency_ms"] = json.dumps(row["latency_ms"])
         now = time.time()
@@ -197,7 +259,7 @@ class Recorder:
 
     def event(self, kind: str, camera: str | None = None, detail: str | None = None, data: Any = None) -> None:
         """Queue an event row (``start``, ``reload``, ``camera_lost``, ...); ``data`` is stored as JSON."""
-        self._put(_Event(event_row(kind, camera, detail, data)))
+        self._put(_Event(event_row(kind, camera, detail, data, run_id=self.run_id)))
 
     def pending(self, output: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:
         """The outbox of ``output``: its ``pending`` deliveries (row ``id`` above ``after``), oldest first.
@@ -247,6 +309,11 @@ class Recorder:
     def prune(self, timeout: float = 60.0) -> dict[str, int]:
         """Run a retention pass now (on the writer thread) and return what it deleted."""
         return self.on_writer(lambda db: self._retain(), timeout)
+
+    def nudge(self) -> None:
+        """Retry a failing write with the next operation (free space came back), not at the next backoff step."""
+        self._retry_at = 0.0
+        self._retry_delay = self.retry_s
 
     def alive(self) -> bool:
         """True while the writer thread runs (the daemon's health check reads it)."""
@@ -347,7 +414,8 @@ class Recorder:
         self._persist(ops)
 
     def _persist(self, ops: list[_Op]) -> None:
-        """Commit ``ops`` after the backlog, or keep them in the backlog; ``then()`` runs either way."""
+        """Commit ``ops`` after the backlog, or keep them in the backlog; ``then(committed)`` runs either way."""
+        committed = False
         try:
             if self._backlog:
                 if time.monotonic() < self._retry_at:
@@ -359,11 +427,12 @@ class Recorder:
                     self._keep(ops)
                     raise
             self._write_isolating(ops)
+            committed = True
             self._erroring, self._retry_delay = False, self.retry_s
         except sqlite3.OperationalError as exc:
             self._failed(exc)
         finally:
-            self._callbacks(ops)
+            self._callbacks(ops, committed)
 
     def _drain_backlog(self) -> None:
         kept = len(self._backlog)
@@ -372,7 +441,7 @@ class Recorder:
             self._write_isolating(chunk, from_backlog=True)
         log.warning("audit log writable again: %d queued operations written", kept)
         self._write([_Event(event_row("audit_recovered", data={"written": kept, "dropped": self.dropped,
-                                                               "error": self.last_error}))])
+                                                               "error": self.last_error}, run_id=self.run_id))])
 
     def _write_isolating(self, ops: list[_Op], from_backlog: bool = False) -> None:
         """Write ``ops`` in one transaction; if SQLite refuses their content, one by one, dropping the bad ones.
@@ -427,8 +496,10 @@ class Recorder:
                 db["events"].insert_all(events)
         self.written += len(records)
 
-    @staticmethod
-    def _update_delivery(db: Database, op: _Delivered) -> None:
+    def _update_delivery(self, db: Database, op: _Delivered) -> None:
+        column = self.artifacts.get(op.output)
+        if column is not None and op.status in ("dropped", "failed"):  # the file was never written
+            db.execute(f"UPDATE inspections SET {column} = NULL WHERE id = ?", [op.inspection_id])
         # No sqlite-utils API updates by a non-primary key with an increment.
         n = db.execute("UPDATE deliveries SET status = ?, delivered_at = ?, attempts = attempts + 1, detail = ? "
                        "WHERE inspection_id = ? AND output = ?",
@@ -453,19 +524,19 @@ class Recorder:
         reason = f"audit write failed: {exc}"
         if not self._erroring:
             log.error("%s; keeping up to %d records in memory and retrying", reason, self.backlog_max)
-            self._keep([_Event(event_row("audit_error", detail=str(exc)))])
+            self._keep([_Event(event_row("audit_error", detail=str(exc), run_id=self.run_id))])
         self._erroring = True
         self.last_error = reason
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)
 
     @staticmethod
-    def _callbacks(ops: Sequence[_Op]) -> None:
+    def _callbacks(ops: Sequence[_Op], committed: bool) -> None:
         for op in ops:
             if isinstance(op, _Record) and op.then is not None:
                 then, op.then = op.then, None  # once, even if the record waits in the backlog
                 try:
-                    then()
+                    then(committed)
                 except Exception:
                     log.exception("audit: a then() callback raised")
 
@@ -474,7 +545,7 @@ class Recorder:
         counts = retain(self._db, self.retention_days, self.max_mb)
         if any(counts.values()):
             log.info("audit retention deleted %s", counts)
-            self._write([_Event(event_row("retention", data=counts))])
+            self._write([_Event(event_row("retention", data=counts, run_id=self.run_id))])
         return counts
 
     def _safe_retain(self) -> None:
@@ -492,10 +563,77 @@ class Recorder:
             self._retry_at = 0.0
             self._persist([])
             if self._backlog:
-                log.error("audit log closed with %d operations never written: %s", len(self._backlog),
-                          self.last_error)
+                self._spill()
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             log.warning("audit checkpoint at close failed: %s", exc)
         self._db.close()
+
+    # --- what could not be written before closing ---------------------------------------------
+
+    def _spill(self) -> None:
+        """Keep the unwritten backlog in a JSON-lines file (the first folder that takes it) for the next start."""
+        lines = []
+        for op in self._backlog:
+            if isinstance(op, _Record):
+                lines.append({"record": op.row, "deliveries": op.deliveries})
+            elif isinstance(op, _Delivered):
+                lines.append({"delivered": [op.inspection_id, op.output, op.status, op.detail, op.at]})
+            else:
+                lines.append({"event": op.row})
+        text = "".join(json.dumps(line, default=str) + "\n" for line in lines)
+        name = f"audit-spill-{self.run_id}.jsonl"
+        for folder in self.spill_dirs:
+            target = folder / name
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{name}.tmp"
+                with tmp.open("w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    (folder / f".{name}.tmp").unlink()
+                log.warning("audit: cannot spill to %s: %s", folder, exc)
+                continue
+            log.error("audit log closed with %d operations unwritten (%s); kept in %s, written at the next start",
+                      len(lines), self.last_error, target)
+            self._backlog.clear()
+            return
+        ids = [op.row["id"] for op in self._backlog if isinstance(op, _Record)]
+        log.error("audit log closed with %d operations never written and nowhere to keep them (%s); inspections "
+                  "lost from the audit: %d, ids %s .. %s", len(lines), self.last_error, len(ids),
+                  ids[0] if ids else "-", ids[-1] if ids else "-")
+
+    def _write_spills(self) -> None:
+        """Write what earlier runs spilled, then delete their files; audited as ``audit_spill_written``."""
+        seen = set()
+        for folder in self.spill_dirs:
+            for path in sorted(folder.glob(SPILL_GLOB)) if folder.is_dir() else []:
+                if path.resolve() in seen:
+                    continue
+                seen.add(path.resolve())
+                ops: list[_Op] = []
+                bad = 0
+                for line in path.read_text(errors="replace").splitlines():
+                    try:
+                        item = json.loads(line)
+                        if "record" in item:
+                            ops.append(_Record(item["record"], item["deliveries"], None))
+                        elif "delivered" in item:
+                            ops.append(_Delivered(*item["delivered"]))
+                        else:
+                            ops.append(_Event(item["event"]))
+                    except (ValueError, KeyError, TypeError):
+                        bad += 1  # a line cut short when the spill itself was interrupted
+                records = sum(isinstance(op, _Record) for op in ops)
+                self._write([*ops, _Event(event_row(
+                    "audit_spill_written", detail=f"{records} inspections and {len(ops) - records} other operations "
+                    f"that a run could not write before it stopped, written from {path}",
+                    data={"file": str(path), "records": records, "operations": len(ops), "unreadable_lines": bad},
+                    run_id=self.run_id))])
+                path.unlink()
+                log.warning("audit: wrote %d operations spilled to %s by an earlier run", len(ops), path)

@@ -2,8 +2,9 @@
 
 Plain functions on a ``sqlite_utils.Database``, no threads: the single writer (``audit.py``)
 and the read side (``audit_query.py``, the ``appliance audit`` command) both stand on them.
-Schema changes bump ``SCHEMA_VERSION`` (``PRAGMA user_version``); a file written by a newer
-version is refused rather than misread.
+Schema changes bump ``SCHEMA_VERSION`` (``PRAGMA user_version``) and add a step to ``MIGRATIONS``,
+applied in order in one transaction when an older file is opened for writing; a file written by a
+newer version is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlite_utils import Database
 from ..errors import AuditError
 
 #: ``PRAGMA user_version`` of the schema this module writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: What ``Recorder.delivered()`` may set; ``pending`` keeps the row in the outbox (an attempt that failed).
 DELIVERY_STATUSES = ("sent", "skipped", "failed", "dropped", "pending")
 _RETENTION_CHUNK = 500  # most inspections deleted per transaction by the size limit
@@ -30,7 +31,7 @@ _INSPECTION_COLUMNS: dict[str, type] = {
     "id": str, "time": str, "camera": str, "seq": int, "trigger_id": str, "captured_at": float,
     "finished_at": float, "verdict": str, "score": float, "raw_score": float, "threshold": float,
     "threshold_source": str, "error": str, "model_id": str, "bank_hash": str, "source": str,
-    "image_sha256": str, "overlay_path": str, "latency_ms": str,
+    "image_sha256": str, "overlay_path": str, "latency_ms": str, "file_sha256": str, "run_id": str,
 }
 # sqlite-utils has no public AUTOINCREMENT option; AUTOINCREMENT keeps ids (= send order)
 # from ever being reused after retention deletes the newest rows.
@@ -53,14 +54,14 @@ def iso_utc(ts: float) -> str:
 
 
 def event_row(kind: str, camera: str | None = None, detail: str | None = None, data: Any = None,
-              at: float | None = None) -> dict[str, Any]:
+              at: float | None = None, run_id: str | None = None) -> dict[str, Any]:
     """One ``events`` row (``data`` as JSON text)."""
     if not kind or len(kind) > 64:
         raise ValueError(f"an event kind is a short non-empty string, got {kind!r}")
     at = time.time() if at is None else float(at)
     return {"at": at, "time": iso_utc(at), "kind": kind, "camera": camera,
             "detail": None if detail is None else str(detail),
-            "data": None if data is None else json.dumps(data, default=str)}
+            "data": None if data is None else json.dumps(data, default=str), "run_id": run_id}
 
 
 def open_writer(path: Path, synchronous: str = "full") -> Database:
@@ -88,6 +89,11 @@ def open_writer(path: Path, synchronous: str = "full") -> Database:
                 _create_schema(db)
         else:
             db.enable_wal()
+            if version < SCHEMA_VERSION:
+                with db.atomic():
+                    for step in MIGRATIONS[version - 1:]:
+                        step(db)
+                    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if db.journal_mode != "wal":
             raise AuditError(f"{path}: SQLite cannot use WAL mode there (a network file system?); "
                              "put the audit log on a local disk")
@@ -113,11 +119,22 @@ def _create_schema(db: Database) -> None:
     db["deliveries"].create_index(["output", "status", "id"])
     db["deliveries"].create_index(["inspection_id", "output"], unique=True)
     events = db["events"]
-    events.create({"id": int, "at": float, "time": str, "kind": str, "camera": str, "detail": str, "data": str},
-                  pk="id", not_null={"at", "time", "kind"})
+    events.create({"id": int, "at": float, "time": str, "kind": str, "camera": str, "detail": str, "data": str,
+                   "run_id": str}, pk="id", not_null={"at", "time", "kind"})
     events.create_index(["at"])
     events.create_index(["kind", "at"])
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _v2_runs_and_file_hashes(db: Database) -> None:
+    """Version 2: every row names the daemon run that wrote it; inspections keep the file's own hash."""
+    db["inspections"].add_column("file_sha256", str)
+    db["inspections"].add_column("run_id", str)
+    db["events"].add_column("run_id", str)
+
+
+#: ``MIGRATIONS[v - 1]`` takes a file from schema ``v`` to ``v + 1``.
+MIGRATIONS = [_v2_runs_and_file_hashes]
 
 
 def open_reader(path: Path) -> Database:
@@ -179,4 +196,46 @@ def retain(db: Database, retention_days: float, max_mb: float, now: float | None
     if any(counts.values()):
         # executescript steps the pragma to the end; a plain execute frees one page per step
         db.executescript("PRAGMA incremental_vacuum;")
+    return counts
+
+
+def unclean_previous_run(db: Database) -> dict[str, Any] | None:
+    """The previous run, if it ended without an orderly stop: its ``start`` event, id and last inspection.
+
+    Runs are bracketed by ``start`` and ``stop`` (or ``start_failed``) events; a ``start`` with
+    nothing after it means the process was killed, crashed or lost power.
+    """
+    row = db.execute("SELECT kind, at, data, run_id FROM events WHERE kind IN ('start', 'stop', 'start_failed') "
+                     "ORDER BY id DESC LIMIT 1").fetchone()
+    if row is None or row[0] != "start":
+        return None
+    last_at, count = db.execute("SELECT max(finished_at), count(*) FROM inspections WHERE captured_at >= ?",
+                                [row[1]]).fetchone()
+    try:
+        start = json.loads(row[2]) if row[2] else {}
+    except ValueError:
+        start = {}
+    return {"run_id": row[3], "started_at": row[1], "pid": start.get("pid"), "version": start.get("version"),
+            "inspections": count, "last_inspection_at": last_at}
+
+
+def abandon_pending(db: Database, outputs: list[str], detail: str, artifacts: dict[str, str] | None = None,
+                    now: float | None = None) -> dict[str, int]:
+    """Mark the ``pending`` deliveries of ``outputs`` ``dropped`` with ``detail``: nothing will finish them.
+
+    For an output in ``artifacts`` (output -> inspections column naming its file), the inspections
+    whose delivery is dropped no longer name the file (it was never written). Returns counts per output.
+    """
+    now = time.time() if now is None else now
+    counts = {}
+    with db.atomic():
+        for output in outputs:
+            column = (artifacts or {}).get(output)
+            if column is not None:
+                db.execute(f"UPDATE inspections SET {column} = NULL WHERE id IN (SELECT inspection_id FROM "
+                           "deliveries WHERE output = ? AND status = 'pending')", [output])
+            n = db.execute("UPDATE deliveries SET status = 'dropped', delivered_at = ?, detail = ? "
+                           "WHERE output = ? AND status = 'pending'", [now, detail, output]).rowcount
+            if n:
+                counts[output] = n
     return counts

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import __version__
 from ..errors import ApplianceError
 from .audit_cli import audit
 from .defaults import DEFAULT_CONFIG, DEFAULT_SOCKET
@@ -44,9 +45,15 @@ def _load(path: Path):  # noqa: ANN202 - DaemonConfig; imported lazily
 def run(config: ConfigOption = DEFAULT_CONFIG,
         log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO") -> None:
     """Run the appliance: inspect every camera and report every result (systemd starts this)."""
+    import logging
+    import time
+
     from .supervisor import setup_logging
 
+    started = time.monotonic()
     setup_logging(log_level.upper())
+    log = logging.getLogger("appliance.daemon")
+    log.info("appliance %s starting (pid %d), config %s", __version__, os.getpid(), config)
     cfg = _load(config)
     numba_cache = cfg.paths.cache / "numba"
     os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache))  # before numba is imported (it reads it once)
@@ -54,17 +61,32 @@ def run(config: ConfigOption = DEFAULT_CONFIG,
 
     from .service import Daemon
 
+    log.info("runtime libraries imported in %.1f s", time.monotonic() - started)
+
     daemon = Daemon(cfg, config.resolve())
     try:
         asyncio.run(daemon.run())
     except ApplianceError as exc:
         _fail(str(exc))
+    if daemon.abandoned:
+        # A thread still inside native code (a hung camera driver, an output stuck in a call) must not meet
+        # the interpreter's teardown: that ends in "terminate called without an active exception" (SIGABRT).
+        # Everything is recorded and closed by now, so leave at once.
+        log.error("exiting with threads abandoned at the stop: %s",
+                                          ", ".join(daemon.abandoned))
+        logging.shutdown()
+        os._exit(0)
 
 
 @config_app.command("check")
 def config_check(path: Annotated[Path, typer.Argument(help="config file")] = DEFAULT_CONFIG) -> None:
     """Validate a config file: every problem with its key and reason; exit 2 if there is one."""
+    from .config import check_files
+
     cfg = _load(path)
+    problems = check_files(cfg, str(path))
+    if problems:
+        _fail("invalid configuration:\n  " + "\n  ".join(problems))
     names = ", ".join(f"{c.id} ({c.source.type}, {c.trigger.mode})" for c in cfg.cameras)
     typer.echo(f"ok  {path}: {len(cfg.cameras)} camera(s): {names}; outputs: "
                f"{', '.join(o.type for o in cfg.outputs) or 'none'}")
@@ -98,24 +120,11 @@ def _print(data: Any, as_json: bool, text: str) -> None:
 
 
 def status(config: ConfigOption = DEFAULT_CONFIG, socket: SocketOption = None, as_json: JsonOption = False) -> None:
-    """Per camera: state, fps, latency, queue, drops, last verdict, bundle, threshold; each output's state."""
+    """Per camera: state, readiness, fps, latency, queue, drops, counts, last verdict, threshold, model; outputs."""
+    from .status_text import render
+
     s = _request(config, socket, {"cmd": "status"})
-    d = s["daemon"]
-    lines = [f"appliance {d['version']}  pid {d['pid']}  up {d['uptime_s']:.0f} s  "
-             f"{'healthy' if d['healthy'] else 'UNHEALTHY: ' + '; '.join(d['unhealthy'])}"]
-    for cam, c in s["cameras"].items():
-        last = c.get("last") or {}
-        lat = c.get("latency_ms") or {}
-        lines.append(f"camera {cam}: {c['state']} ({c.get('state_detail', '')}), {c['fps']:.1f} fps, latency p50 "
-                     f"{lat.get('p50')} / p99 {lat.get('p99')} ms, queue {c['queue_depth']}, drops {c['drops']}, "
-                     f"counts {c['counts']}, last {last.get('verdict', '-')} {last.get('score', '')}, "
-                     f"threshold {c['threshold']['value']} ({c['threshold']['source']}), "
-                     f"model {c['bundle']['model_id']}")
-    for name, o in s["outputs"].items():
-        backlog = o.get("backlog", o.get("queued", 0))
-        err = f", last error: {o['last_error']}" if o.get("last_error") else ""
-        lines.append(f"output {name}: {o['state']}, backlog {backlog}{err}")
-    _print(s, as_json, "\n".join(lines))
+    _print(s, as_json, render(s))
 
 
 def reload(config: ConfigOption = DEFAULT_CONFIG, socket: SocketOption = None, as_json: JsonOption = False) -> None:
@@ -139,6 +148,8 @@ def threshold(camera: Annotated[str, typer.Argument(help="camera id")],
             number = float(value)
         except ValueError:
             raise typer.BadParameter(f"VALUE must be a number in [0, 1] or 'clear', got {value!r}") from None
+        if not 0.0 <= number <= 1.0:
+            raise typer.BadParameter(f"VALUE must be a number in [0, 1] or 'clear', got {value}")
     result = _request(config, socket, {"cmd": "threshold", "camera": camera, "value": number, "shift": shift,
                                        "who": who})
     f = result["in_force"]
@@ -159,11 +170,18 @@ def trigger(camera: Annotated[str, typer.Argument(help="camera id (trigger mode 
 def doctor(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
            golden: Annotated[bool, typer.Option(help="also score each bundle's golden images")] = True) -> None:
     """Check sources, bundles, output endpoints, disk space and folders; exit 1 if anything fails."""
-    from .doctor import run_checks
+    import shutil
+
+    from .doctor import private_cache, run_checks
 
     cfg = _load(config)
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(cfg.paths.cache / "numba"))  # as `run` does: never beside the code
-    checks = run_checks(cfg, golden=golden)
+    cache = private_cache(cfg)  # root beside a service user: keep root-owned files out of the service's cache
+    os.environ.setdefault("NUMBA_CACHE_DIR", str((cache or cfg.paths.cache) / "numba"))  # as `run`: not beside the code
+    try:
+        checks = run_checks(cfg, golden=golden, cache=cache)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
     failed = [c for c in checks if c["status"] == "fail"]
     text = "\n".join(f"{c['status'].upper():<4}  {c['check']}: {c['detail']}" for c in checks)
     _print({"ok": not failed, "checks": checks}, as_json, text)
@@ -175,8 +193,10 @@ def register(app: typer.Typer) -> None:
     """Add the daemon's commands to the ``appliance`` command line."""
     app.command()(run)
     app.add_typer(config_app, name="config")
-    for command in (status, reload, threshold, trigger, doctor, audit):
+    for command in (status, reload, trigger, doctor, audit):
         app.command()(command)
+    # A negative VALUE ("-0.1") must reach the range check, not be taken for an option.
+    app.command(context_settings={"ignore_unknown_options": True})(threshold)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError
 from .audit import AuditConfig
 from .defaults import DEFAULT_CACHE, DEFAULT_SOCKET, DEFAULT_STATE
+from .disk import DiskConfig
+from .metrics import MetricsConfig
 from .publishers import PUBLISHERS
 from .sources import SOURCES
 from .thresholds import ThresholdsConfig, TimeZoneName
@@ -62,13 +64,20 @@ class Runtime(_Strict):
     streams: int = Field(2, ge=1, le=8, description="asynchronous backbone requests per camera: 2 overlaps one "
                                                      "frame's scoring with the next frame's backbone")
     warmup_frames: int = Field(2, ge=0, description="frames scored at start-up before READY (compile, caches)")
+    stop_timeout_s: float = Field(20.0, gt=0, le=300, description="an orderly stop (SIGTERM) takes at most this "
+                                                                  "long: queued frames are inspected and outputs "
+                                                                  "drain until then, what is left is recorded as "
+                                                                  "not done; keep it below the unit's "
+                                                                  "TimeoutStopSec (60)")
 
 
 class Watchdog(_Strict):
     """When a camera counts as stalled (the systemd watchdog is fed only while no camera is)."""
 
-    stall_s: float = Field(15.0, gt=0, description="a running camera with frames waiting and no finished frame "
-                                                   "for this long is stalled")
+    stall_s: float = Field(15.0, gt=0, description="a camera whose oldest waiting frame has waited this long for "
+                                                   "its result (or whose threads stopped turning) is stalled: its "
+                                                   "Ready drops and the watchdog is no longer fed; an idle "
+                                                   "triggered camera is not stalled")
 
 
 class Trigger(_Strict):
@@ -121,6 +130,10 @@ class Camera(_Strict):
     queue: int = Field(4, ge=1, le=256, description="frames waiting for inference; when full the oldest is "
                                                     "dropped and counted")
     enabled: bool = Field(True, description="inspect this camera")
+    max_frame_megapixels: float | None = Field(None, gt=0, le=1000,
+                                               description="files larger than this are refused from their header, "
+                                                           "before decoding (None: 4x the bundle's frame, at least "
+                                                           "1 MP)")
     slots: dict[str, Path] = Field(default_factory=dict, description="bundle slots a PLC or the control socket "
                                                                       "may switch to ('bundle' command): slot "
                                                                       "number -> bundle path")
@@ -151,6 +164,8 @@ class DaemonConfig(_Strict):
     control: Control = Field(default_factory=Control, description="the local control socket")
     watchdog: Watchdog = Field(default_factory=Watchdog, description="stall detection")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the SQLite audit log (and outbox)")
+    disk: DiskConfig = Field(default_factory=DiskConfig, description="the free-space floor of file-writing outputs")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics")
     outputs: list[_output_union()] = Field(default_factory=list,  # type: ignore[valid-type]
                                            description="outputs; each [[outputs]] table has a 'type'")
     cameras: list[Camera] = Field(min_length=1, description="the cameras; each [[cameras]] table is one")
@@ -228,3 +243,30 @@ def load_config(path: str | Path) -> DaemonConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, str(path))
+
+
+def check_files(config: DaemonConfig, origin: str = "<config>") -> list[str]:
+    """Problems a valid config can still have on this machine, as ``origin: key: reason`` lines.
+
+    Each enabled camera's bundle (and slot bundles) must exist and be a bundle (its manifest is
+    read, not every file verified: ``appliance doctor`` does that). ``config check`` reports these;
+    ``run`` would stop at the first with the same words.
+    """
+    from ..bundle import read_manifest
+    from ..errors import BundleError
+
+    problems = []
+    for i, camera in enumerate(config.cameras):
+        if not camera.enabled:
+            continue
+        where = f"cameras[{i}]({camera.id})"
+        for key, bundle in [("bundle", camera.bundle), *((f"slots.{k}", v) for k, v in camera.slots.items())]:
+            path = config.state_path(bundle)
+            if not path.exists():
+                problems.append(f"{origin}: {where}.{key}: {path} does not exist")
+            elif path.is_dir():
+                try:
+                    read_manifest(path)
+                except BundleError as exc:
+                    problems.append(f"{origin}: {where}.{key}: {exc}")
+    return problems

@@ -1,9 +1,10 @@
 """The local control socket: one JSON request per line, one JSON answer per line.
 
 Who may connect is decided by the socket's file mode and group (``[control]`` in the config):
-no network exposure, no password to leak. Requests: ``status``, ``reload``, ``threshold``,
-``trigger`` (and ``stall``, a fault injection for tests, only when ``APPLIANCE_FAULT_INJECTION=1``).
-Every command that changes something is audited by the daemon.
+no network exposure, no password to leak. A request is one of the typed commands of
+``commands.py`` as a JSON object (``{"cmd": "threshold", "camera": "line1", "value": 0.6}``);
+it is parsed and dispatched by the daemon's one dispatcher. Every command that changes
+something is audited by the daemon.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ApplianceError, ConfigError
+from .commands import CommandError, load_json
 
 log = logging.getLogger(__name__)
 
-#: ``handler(request) -> result``; raise ``ApplianceError`` for a refused request.
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+#: ``handler(request) -> result`` (``Dispatcher.run``); raise ``ApplianceError`` for a refused request.
+Handler = Callable[[Any], Awaitable[Any]]
 _MAX_REQUEST = 64 * 1024
 
 
@@ -74,10 +76,10 @@ class ControlServer:
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(line)
+            request = load_json(line.strip(), _MAX_REQUEST)
             if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-                raise ValueError("a request is a JSON object with a 'cmd' string")
-        except ValueError as exc:
+                raise CommandError("a request is a JSON object with a 'cmd' string")
+        except (CommandError, UnicodeDecodeError) as exc:
             return {"ok": False, "error": f"bad request: {exc}"}
         try:
             return {"ok": True, "result": await self._handler(request)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,13 @@ def _source(camera: Any) -> dict[str, str]:
     return _check(f"camera {camera.id} source", "ok", f"{source.describe()} opens")
 
 
-def _bundle(cfg: DaemonConfig, camera: Any, golden: bool) -> dict[str, str]:
+def _bundle(cfg: DaemonConfig, camera: Any, golden: bool, cache: Path) -> dict[str, str]:
     from ..bundle import load_bundle, verify_files
 
     path = cfg.state_path(camera.bundle)
     try:
         if golden:
-            engine = load_bundle(path, threads=cfg.runtime.threads, cache_dir=cfg.paths.cache)
+            engine = load_bundle(path, threads=cfg.runtime.threads, cache_dir=cache)
             detail = f"{engine.model_id}: files, manifest and {len(engine.manifest['golden'])} golden images verified"
             engine.close()
         else:
@@ -94,12 +95,24 @@ def _control(cfg: DaemonConfig) -> dict[str, str]:
     return _check("daemon", "ok" if d["healthy"] else "fail", f"pid {d['pid']} answers, {health}")
 
 
-def run_checks(cfg: DaemonConfig, golden: bool = True) -> list[dict[str, str]]:
-    """Every check, in the order a technician would fix them."""
+def private_cache(cfg: DaemonConfig) -> Path | None:
+    """A throwaway cache folder when the doctor runs as root beside a service that runs as another user.
+
+    Compiling into the service's cache as root would leave root-owned files there that the service
+    could not replace; the doctor then compiles into its own temporary folder instead.
+    """
+    cache = cfg.paths.cache
+    if os.geteuid() != 0 or not cache.exists() or cache.stat().st_uid == 0:
+        return None
+    return Path(tempfile.mkdtemp(prefix="appliance-doctor-cache-"))
+
+
+def run_checks(cfg: DaemonConfig, golden: bool = True, cache: Path | None = None) -> list[dict[str, str]]:
+    """Every check, in the order a technician would fix them (``cache``: where bundles compile; the config's)."""
     checks = [*_folder("state", cfg.paths.state), *_folder("cache", cfg.paths.cache), _audit(cfg)]
     for camera in cfg.cameras:
         if camera.enabled:
-            checks += [_source(camera), _bundle(cfg, camera, golden)]
+            checks += [_source(camera), _bundle(cfg, camera, golden, cache or cfg.paths.cache)]
     for output in cfg.outputs:
         status, detail = PUBLISHERS[output.type].check(output, cfg.paths.state)
         checks.append(_check(f"output {output.type}", status, detail))

@@ -72,6 +72,7 @@ class ErrorCode(IntEnum):
     INSPECTION_ERROR = 5  # a result with verdict 3 (no image, camera lost, ...)
     UNKNOWN_COMMAND = 6
     COMMAND_FAILED = 7  # the daemon refused the command (bad slot, bad threshold, ...)
+    DISK_LOW = 8  # an alarm, not an event: the Error bit stays set while the disk is below its floor
 
 
 class Command(IntEnum):
@@ -161,9 +162,10 @@ class CameraMap:
         self.inputs = [0] * IR_COUNT
         self.buffer: collections.deque[Result] = collections.deque()
         self.outstanding: set[int] = set()  # accepted triggers without a result yet
-        self.next_trigger_id = 0
+        self.next_trigger_id = 0  # the last TriggerID taken; the output restores it at start (ids go on across runs)
         self.overruns = 0
         self.ready = False
+        self.alarm: ErrorCode | None = None  # a condition the Error bit shows while it lasts (DISK_LOW)
         self.plc_heartbeat_changes = 0
 
     # ------------------------------------------------------------ PLC side
@@ -171,7 +173,7 @@ class CameraMap:
         """Registers for FC3 (holding, incl. the mirror) or FC4 (input); an exception code otherwise."""
         if function_code == 4:
             area, start = self.inputs, address
-        elif function_code in (3, 6, 16, 22, 23):  # 6, 16: pymodbus reads back what was written
+        elif function_code in (3, 6, 16, 23):  # 6, 16: pymodbus reads back what was written
             if address >= MIRROR:
                 area, start = self.inputs, address - MIRROR
             else:
@@ -218,6 +220,8 @@ class CameraMap:
             self.inputs[IR_ERROR_CODE] = self.inputs[IR_ERROR_CAUSE] = 0
             self._set(Status.ERROR, False)
             self._set(Status.BUFFER_OVERRUN, False)
+            if self.alarm is not None:  # an alarm is not cleared by acknowledging it: only by its cause going
+                self.error(self.alarm, 0)
         if fell & TRIGGER:
             self._set(Status.TRIGGER_ACK, False)
         if rose & RESULT_ACK and self.buffer and self._has(Status.RESULT_VALID):
@@ -285,6 +289,21 @@ class CameraMap:
         if threshold is not None:
             self.inputs[IR_THRESHOLD_X1000] = _u16(threshold * 1000)
         self._update_counts()
+
+    def set_alarm(self, code: ErrorCode | None) -> None:
+        """Raise (Error bit with ``code``) or clear a lasting condition such as ``DISK_LOW``.
+
+        Clearing drops the Error bit only when the alarm is the error shown; a latched event
+        error (an inspection error) stays until ClearError.
+        """
+        if code == self.alarm:
+            return
+        before, self.alarm = self.alarm, code
+        if code is not None:
+            self.error(code, 0)
+        elif before is not None and self.inputs[IR_ERROR_CODE] == int(before):
+            self.inputs[IR_ERROR_CODE] = self.inputs[IR_ERROR_CAUSE] = 0
+            self._set(Status.ERROR, False)
 
     def beat(self) -> None:
         """The appliance's heartbeat counter (the PLC watches it change)."""

@@ -65,7 +65,10 @@ class Inspection:
         captured_at: capture time, seconds since the epoch.
         finished_at: when the verdict was known, seconds since the epoch.
         source: file path or URI the pixels came from, if any.
-        image_sha256: sha256 of the frame's pixels as decoded (``None`` if none were read).
+        image_sha256: sha256 of the frame's pixels as decoded (``None`` if none were read): the same
+            pixels give the same hash whatever the file format.
+        file_sha256: sha256 of the file's own bytes when the frame came from a file (``sha256sum`` of
+            the file in a hot folder's ``done/`` finds its row); ``None`` for a camera stream.
         model_id: the bundle that scored the frame.
         bank_hash: hash of the bundle's scorer state (memory bank or Gaussians).
         threshold: normalised threshold in force, ``None`` for errors before a decision.
@@ -75,9 +78,12 @@ class Inspection:
         verdict: ``ok``, ``ng`` or ``error``.
         error: what went wrong, for ``error`` verdicts.
         latency_ms: per stage (``queue``, ``preprocess``, ``backbone``, ``scorer``, ``total``, ...).
-        overlay_path: where the overlay output writes this inspection's PNG, if it will.
+        overlay_path: where the overlay output writes this inspection's PNG, if it will (cleared in
+            the audit log if the overlay was dropped or failed).
         image: the frame's pixels (not serialised); ``None`` when the frame could not be read.
         anomaly_map: lazily computed normalised map in frame pixels; ``None`` for errors.
+        embedding: the frame's pooled backbone embedding ``[C]`` (the engine's tap for drift
+            statistics; not serialised); ``None`` for errors.
 
     """
 
@@ -90,6 +96,7 @@ class Inspection:
     trigger_id: str | None = None
     source: str | None = None
     image_sha256: str | None = None
+    file_sha256: str | None = None
     model_id: str | None = None
     bank_hash: str | None = None
     threshold: float | None = None
@@ -101,6 +108,7 @@ class Inspection:
     overlay_path: str | None = None
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     anomaly_map: LazyMap | None = field(default=None, repr=False, compare=False)
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -113,7 +121,8 @@ class Inspection:
         return {
             "id": self.id, "camera": self.camera, "seq": self.seq, "trigger_id": self.trigger_id,
             "captured_at": self.captured_at, "finished_at": self.finished_at, "source": self.source,
-            "image_sha256": self.image_sha256, "model_id": self.model_id, "bank_hash": self.bank_hash,
+            "image_sha256": self.image_sha256, "file_sha256": self.file_sha256, "model_id": self.model_id,
+            "bank_hash": self.bank_hash,
             "threshold": self.threshold, "threshold_source": self.threshold_source, "raw_score": self.raw_score,
             "score": self.score, "verdict": self.verdict, "error": self.error,
             "latency_ms": {k: round(float(v), 3) for k, v in self.latency_ms.items()},

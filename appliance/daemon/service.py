@@ -1,45 +1,68 @@
-"""The daemon: builds cameras, engines, the audit log and the outputs from the config, and runs them.
+"""The daemon: builds the parts from the config, runs them, and stops them in order.
 
-One asyncio loop in the main thread serves the network sides (control socket, HTTP, later
-Modbus and OPC UA), feeds the watchdog and reacts to signals: SIGTERM/SIGINT drain and stop,
-SIGHUP reloads the config (a bad new config is refused, audited, and the old one keeps
-running). Each camera's pipeline runs on its own threads; every inspection goes to the audit
-log first and to the outputs once its row is committed.
+One asyncio loop in the main thread serves the network sides (control socket, HTTP, Modbus,
+OPC UA), feeds the watchdog, watches free space and reacts to signals: SIGTERM/SIGINT stop in
+order, SIGHUP reloads the config (a bad new config is refused, audited, and the old one keeps
+running). Each camera's pipeline runs on its own threads and hands its results to the
+``ResultFlow`` (audit first, then the outputs). Commands from every way in go through one
+``Dispatcher``; every reader of the daemon's state reads one ``Status``.
+
+Stopping is bounded by ``runtime.stop_timeout_s``: capture stops, queued frames are inspected
+until a share of the budget is spent (the rest are recorded as not inspected), the audit log
+is flushed, outputs drain until their share is spent (the rest are recorded as dropped),
+engines are closed, and the audit log closes last with a ``stop`` event that counts what was
+given up. Every thread is joined or named as abandoned; none is left running in native code
+when the interpreter exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from .. import __version__
 from ..bundle import load_bundle
 from ..engine import Engine
 from ..errors import ApplianceError, ConfigError
 from .audit import Recorder
+from .commands import (
+    BundleCommand,
+    CommandError,
+    Dispatcher,
+    EnableCommand,
+    ReloadCommand,
+    StallCommand,
+    StatusCommand,
+    ThresholdCommand,
+    TriggerCommand,
+)
 from .config import Camera, DaemonConfig, load_config
 from .control import ControlServer
-from .metrics import registry_for
+from .disk import DiskGuard, Volume
+from .health import stall_reasons
+from .latest import LatestImages
+from .metrics import Metrics
+from .operator_thresholds import ThresholdStore
 from .outputs import Outputs
 from .pipeline import CameraPipeline
-from .publishers import OutputContext, create_publisher
+from .publishers import PUBLISHERS, OutputContext, create_publisher
 from .publishers.overlay import OverlayPublisher
-from .records import Inspection
-from .sources import Captured
+from .reload import plan_reload
+from .results import ResultFlow
+from .status import Alarm, CameraStatus, DaemonInfo, Status
 from .supervisor import Watchdog, notify
-from .thresholds import check_overrides, load_timezone, resolve
+from .thresholds import load_timezone
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 5.0
+#: Shares of the stop budget: inspecting what is queued, then the outputs draining (the rest: closing).
+_DRAIN_SHARE, _OUTPUT_SHARE = 0.4, 0.35
 
 
 class Daemon:
@@ -49,20 +72,32 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.started_at = time.time()
-        self.tz: ZoneInfo = load_timezone(config.timezone)
-        self.state_dir = config.paths.state
+        self.run_id = f"{int(self.started_at):x}-{os.urandom(3).hex()}"
+        self.tz = load_timezone(config.timezone)
         self.pipelines: dict[str, CameraPipeline] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.recorder: Recorder | None = None
         self.outputs: Outputs | None = None
+        self.flow: ResultFlow | None = None
         self.control: ControlServer | None = None
-        self.registry = registry_for(self.status)
+        self.thresholds: ThresholdStore | None = None
+        self.disk: DiskGuard | None = None
+        self.metrics = Metrics(self.status)
         self.watchdog = Watchdog(self.health)
-        self._overrides: dict[str, dict[str, Any]] = {}
-        self._overrides_lock = threading.Lock()
+        self.dispatcher = Dispatcher({
+            StatusCommand: lambda c: self.status().to_json(),
+            ReloadCommand: lambda c: self.reload(),
+            ThresholdCommand: lambda c: self.thresholds.set(c.camera, c.value, c.shift, c.who),
+            TriggerCommand: lambda c: {"accepted": self.trigger(c.camera, c.id)},
+            EnableCommand: lambda c: self.set_enabled(c.camera, c.enabled, c.who),
+            BundleCommand: lambda c: self.select_bundle(c.camera, c.slot, c.who),
+            **({StallCommand: self._stall} if os.environ.get("APPLIANCE_FAULT_INJECTION") == "1" else {}),
+        })
         self._stopping: asyncio.Event | None = None
+        self._is_stopping = False
         self._camera_states: dict[str, str] = {}
-        self.fault_injection = os.environ.get("APPLIANCE_FAULT_INJECTION") == "1"
+        self._alarms: dict[str, Alarm] = {}
+        self.abandoned: list[str] = []  # threads a stop left running (the process exits without waiting)
 
     # ------------------------------------------------------------ start-up
     def prepare(self) -> None:
@@ -73,65 +108,90 @@ class Daemon:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"paths: cannot create {folder}: {exc.strerror or exc}") from None
-        self.recorder = Recorder.from_config(cfg.audit, cfg.paths.state)
-        self.recorder.start()
+        self.recorder = Recorder.from_config(cfg.audit, cfg.paths.state, run_id=self.run_id,
+                                             artifacts={"overlay": "overlay_path"},
+                                             spill_dirs=[cfg.paths.cache, cfg.control.socket.parent])
+        durable = [o.type for o in cfg.outputs if PUBLISHERS[o.type].durable]
+        self.recorder.start(durable=durable)
         self.recorder.event("start", detail=f"appliance {__version__}",
-                            data={"version": __version__, "config": str(self.config_path), "pid": os.getpid()})
-        self._overrides = self._load_overrides()
-        context = OutputContext(state_dir=cfg.paths.state, status=self.status, registry=self.registry,
-                                loop=self.loop, trigger=self.trigger, control=self.handle, outbox=self.recorder)
+                            data={"version": __version__, "config": str(self.config_path), "pid": os.getpid(),
+                                  "run_id": self.run_id})
+        self.disk = DiskGuard(cfg.disk, self._disk_folders(), self._disk_changed)
+        self.thresholds = ThresholdStore(cfg, self.tz, self.recorder.event)
+        context = OutputContext(state_dir=cfg.paths.state, status=self.status, registry=self.metrics.registry,
+                                loop=self.loop, trigger=self.trigger, control=self.dispatcher.dispatch,
+                                outbox=self.recorder, disk=self.disk, latest=LatestImages())
         self.outputs = Outputs([create_publisher(o, context) for o in cfg.outputs], self._delivered)
+        self.flow = ResultFlow(self.recorder, self.outputs, self.metrics)
         for camera in cfg.cameras:
             self._camera_overlay(camera)
         engines = {c.id: self._load_engine(c) for c in cfg.cameras if c.enabled}
         self.outputs.start()
+        self._serve_metrics()
         for camera in cfg.cameras:
             if camera.enabled:
                 self.pipelines[camera.id] = self._pipeline(camera, engines[camera.id])
 
+    def _serve_metrics(self) -> None:
+        try:
+            self.metrics.serve(self.config.metrics)
+        except ApplianceError as exc:  # metrics are for people; inspection goes on without them
+            log.error("%s", exc)
+            self.recorder.event("error", detail=str(exc))
+
     def _load_engine(self, camera: Camera) -> Engine:
         path = self.config.state_path(camera.bundle)
         rt = self.config.runtime
-        engine = load_bundle(path, threads=rt.threads, streams=rt.streams, cache_dir=self.config.paths.cache)
-        self.recorder.event("model_loaded", camera.id, f"{engine.model_id} from {path}",
-                            {"model_id": engine.model_id, "bundle": str(path)})
+        started = time.monotonic()
+        log.info("camera %s: loading bundle %s (verify files, compile the backbone, golden images)", camera.id, path,
+                 extra={"camera": camera.id})
+        try:
+            engine = load_bundle(path, threads=rt.threads, streams=rt.streams, cache_dir=self.config.paths.cache)
+        except ApplianceError as exc:
+            raise ConfigError(f"camera {camera.id}: bundle {path}: {exc}") from None
+        seconds = time.monotonic() - started
+        log.info("camera %s: model %s ready in %.1f s", camera.id, engine.model_id, seconds,
+                 extra={"camera": camera.id})
+        if engine.backbone.cache_problem:
+            self.recorder.event("cache_unusable", camera.id, engine.backbone.cache_problem)
+        self.recorder.event("model_loaded", camera.id, f"{engine.model_id} from {path} in {seconds:.1f} s",
+                            {"model_id": engine.model_id, "bundle": str(path), "seconds": round(seconds, 2)})
         return engine
 
     def _pipeline(self, camera: Camera, engine: Engine) -> CameraPipeline:
-        return CameraPipeline(camera, engine, threshold_for=self.threshold_for, plan_overlay=self._plan_overlay,
-                              emit=self.emit, on_state=self._camera_state, depth=self.config.runtime.streams)
+        return CameraPipeline(camera, engine, threshold_for=self.thresholds.threshold_for, sink=self.flow,
+                              on_state=self._camera_state, depth=self.config.runtime.streams)
 
     def _camera_overlay(self, camera: Camera) -> None:
-        overlay = self._overlay()
-        if overlay is not None:
+        overlay = self.outputs.get("overlay") if self.outputs else None
+        if isinstance(overlay, OverlayPublisher):
             o = camera.overlay
             overlay.set_camera_options(camera.id, enabled=o.enabled, only_ng=o.only_ng, keep=o.keep, max_mb=o.max_mb)
 
-    def _overlay(self) -> OverlayPublisher | None:
-        publisher = self.outputs.get("overlay") if self.outputs else None
-        return publisher if isinstance(publisher, OverlayPublisher) else None
+    def _disk_folders(self) -> list[tuple[str, Path]]:
+        cfg = self.config
+        folders = [("state", cfg.paths.state), ("audit", cfg.audit.resolve_path(cfg.paths.state).parent)]
+        for output in cfg.outputs:
+            folder = getattr(output, "dir", None)
+            if folder is not None:
+                folders.append((output.type, Path(folder)))
+        return folders
+
+    def _disk_changed(self, volume: Volume) -> None:
+        """A file system went below the floor (alarm) or came back above it (cleared, audit retried at once)."""
+        floor = self.config.disk.min_free_mb
+        key = f"disk_low:{volume.path}"
+        if volume.low:
+            detail = f"{volume.describe()}, below the floor of {floor:g} MiB: overlay files are not written there"
+            self._alarms[key] = Alarm(kind="disk_low", detail=detail, since=volume.since or time.time())
+            self.recorder.event("disk_low", detail=detail, data={"path": str(volume.path), "free_mb": volume.free_mb,
+                                                                 "floor_mb": floor})
+        elif self._alarms.pop(key, None) is not None:
+            self.recorder.event("disk_ok", detail=f"{volume.describe()}: above the floor again",
+                                data={"path": str(volume.path), "free_mb": volume.free_mb})
+            self.recorder.nudge()
 
     # ------------------------------------------------------------ the flow of one result
-    def _plan_overlay(self, camera: str, captured_at: float, verdict: str, inspection_id: str) -> str | None:
-        overlay = self._overlay()
-        path = overlay.plan(inspection_id, camera, captured_at, verdict) if overlay else None
-        return None if path is None else str(path)
-
-    def emit(self, inspection: Inspection, item: Captured | None) -> None:
-        """Audit row first; once committed, every output and the source's ``done`` (hot folder: move the file)."""
-
-        def committed() -> None:
-            self.outputs.publish(inspection)
-            if item is not None and item.done is not None:
-                item.done(inspection.verdict != "error")
-
-        extra = {"camera": inspection.camera, "inspection_id": inspection.id}
-        if inspection.verdict == "error":
-            log.warning("camera %s: inspection %s failed: %s", inspection.camera, inspection.id, inspection.error,
-                        extra=extra)
-        outbox = {w.name: w.publisher.payload(inspection) for w in self.outputs.workers if w.publisher.durable}
-        self.recorder.record(inspection, self.outputs.names, outbox=outbox, then=committed)
-
     def _delivered(self, inspection_id: str, output: str, status: str, detail: str | None, at: float | None) -> None:
         self.recorder.delivered(inspection_id, output, status, detail, at)
 
@@ -145,84 +205,36 @@ class Daemon:
         elif state in ("ended", "stopped") and before != state:
             self.recorder.event(f"camera_{state}", camera, detail)
 
-    # ------------------------------------------------------------ thresholds
+    # ------------------------------------------------------------ commands
     def threshold_for(self, camera: str, when: float) -> tuple[float, str]:
         """The threshold in force for a frame of ``camera`` captured at ``when`` and where it comes from."""
-        with self._overrides_lock:
-            overrides = self._overrides.get(camera)
-        return tuple(resolve(self.config.camera(camera).thresholds, self.tz, when, overrides))
+        return self.thresholds.threshold_for(camera, when)
 
-    def set_threshold(self, camera: str, value: float | None, shift: str | None = None, who: str = "operator"
-                      ) -> dict[str, Any]:
-        """Set (or clear, with ``None``) an operator threshold for a camera or one of its shifts; audited, persisted."""
-        cam = self.config.camera(camera)
-        with self._overrides_lock:
-            current = dict(self._overrides.get(camera, {"camera": None, "shifts": {}}))
-            shifts = dict(current.get("shifts", {}))
-            if shift is None:
-                current["camera"] = value
-            elif value is None:
-                shifts.pop(shift, None)
-            else:
-                shifts[shift] = value
-            current["shifts"] = shifts
-            checked = check_overrides(current, cam.thresholds)
-            before = self._overrides.get(camera)
-            self._overrides[camera] = checked
-            self._save_overrides()
-        value_now, source = self.threshold_for(camera, time.time())
-        self.recorder.event("threshold_changed", camera, f"{shift or 'camera'} -> {value} by {who}",
-                            {"before": before, "after": checked, "in_force": value_now, "source": source})
-        return {"camera": camera, "overrides": checked, "in_force": {"value": value_now, "source": source}}
-
-    def _overrides_file(self) -> Path:
-        return self.state_dir / "thresholds.json"
-
-    def _load_overrides(self) -> dict[str, dict[str, Any]]:
-        path = self._overrides_file()
-        if not path.exists():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-            known = {c.id: c for c in self.config.cameras}
-            return {cam: check_overrides(v, known[cam].thresholds) for cam, v in data.items() if cam in known}
-        except (ValueError, ApplianceError, AttributeError) as exc:
-            self.recorder.event("error", detail=f"operator thresholds in {path} ignored: {exc}")
-            return {}
-
-    def _save_overrides(self) -> None:
-        path = self._overrides_file()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._overrides, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-
-    # ------------------------------------------------------------ control
     def trigger(self, camera: str, trigger_id: str | None = None) -> bool:
         """One frame from an externally triggered camera, carrying ``trigger_id``."""
         pipeline = self._running(camera)
         if pipeline.camera.trigger.mode != "external":
-            raise ConfigError(f"camera {camera!r} is free-running; set trigger.mode = \"external\" to trigger it")
+            raise CommandError(f"camera {camera!r} is free-running; set trigger.mode = \"external\" to trigger it")
         if not pipeline.enabled:
-            raise ConfigError(f"camera {camera!r} is disabled; enable it first ('enable' command)")
+            raise CommandError(f"camera {camera!r} is disabled; enable it first ('enable' command)")
         return pipeline.trigger(trigger_id)
 
     def set_enabled(self, camera: str, enabled: bool, who: str = "operator") -> dict[str, Any]:
         """Turn a running camera's inspection on or off (not persisted: a restart inspects again); audited."""
         pipeline = self._running(camera)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"enabled must be true or false, got {enabled!r}")
-        before, pipeline.enabled = pipeline.enabled, enabled
+        before = pipeline.enabled
+        pipeline.set_enabled(enabled)
         if before != enabled:
             self.recorder.event("camera_enabled" if enabled else "camera_disabled", camera, f"by {who}",
                                 {"enabled": enabled, "who": who})
         return {"camera": camera, "enabled": enabled}
 
-    async def select_bundle(self, camera: str, slot: Any, who: str = "operator") -> dict[str, Any]:
+    async def select_bundle(self, camera: str, slot: int | str, who: str = "operator") -> dict[str, Any]:
         """Hot-swap a camera to the bundle of one of its ``slots`` (frames in flight finish on the old one)."""
         pipeline = self._running(camera)
         slots = pipeline.camera.slots
         if str(slot) not in slots:
-            raise ConfigError(f"camera {camera!r} has no bundle slot {slot!r}; configured: {sorted(slots) or 'none'}")
+            raise CommandError(f"camera {camera!r} has no bundle slot {slot!r}; configured: {sorted(slots) or 'none'}")
         bundle = slots[str(slot)]
         cam = pipeline.camera.model_copy(update={"bundle": bundle})
         engine = await asyncio.get_running_loop().run_in_executor(None, self._load_engine, cam)
@@ -233,81 +245,74 @@ class Daemon:
                              "who": who})
         return {"camera": camera, "slot": str(slot), "model_id": engine.model_id}
 
+    def _stall(self, command: StallCommand) -> dict[str, Any]:
+        self._running(command.camera).stall(command.seconds)
+        return {"stalled": command.camera}
+
     def _running(self, camera: str) -> CameraPipeline:
-        """The running pipeline of ``camera``, or ``ConfigError`` naming the running ones."""
+        """The running pipeline of ``camera``, or ``CommandError`` naming the running ones."""
         pipeline = self.pipelines.get(camera)
         if pipeline is None:
-            raise ConfigError(f"no running camera {camera!r}; running: {sorted(self.pipelines)}")
+            raise CommandError(f"no running camera {camera!r}; running: {sorted(self.pipelines)}")
         return pipeline
 
-    async def handle(self, request: dict[str, Any]) -> Any:
-        """A control-socket request."""
-        cmd = request["cmd"]
-        if cmd == "status":
-            return self.status()
-        if cmd == "reload":
-            return await self.reload()
-        if cmd == "threshold":
-            value = request.get("value")
-            if value is not None and not isinstance(value, int | float):
-                raise ConfigError(f"threshold value must be a number or null, got {value!r}")
-            return self.set_threshold(str(request.get("camera")), value, request.get("shift"),
-                                      str(request.get("who", "operator")))
-        if cmd == "trigger":
-            accepted = self.trigger(str(request.get("camera")), request.get("id"))
-            return {"accepted": accepted}
-        if cmd == "enable":
-            return self.set_enabled(str(request.get("camera")), request.get("enabled"),
-                                    str(request.get("who", "operator")))
-        if cmd == "bundle":
-            return await self.select_bundle(str(request.get("camera")), request.get("slot"),
-                                            str(request.get("who", "operator")))
-        if cmd == "stall" and self.fault_injection:
-            self._running(str(request.get("camera"))).stall(float(request.get("seconds", 30)))
-            return {"stalled": request.get("camera")}
-        raise ConfigError(f"unknown command {cmd!r}; known: status, reload, threshold, trigger, enable, bundle")
-
     # ------------------------------------------------------------ status and health
+    def camera_health(self, camera: str, now: float | None = None) -> list[str]:
+        """Why ``camera`` counts as hung (empty: it does not)."""
+        pipeline = self.pipelines[camera]
+        return stall_reasons(pipeline.progress(), time.monotonic() if now is None else now,
+                             self.config.watchdog.stall_s)
+
     def health(self) -> tuple[bool, list[str]]:
-        """Healthy while every pipeline turns and makes progress, and the audit log's writer lives."""
-        reasons = []
-        for cam, pipeline in self.pipelines.items():
-            why = pipeline.stalled(self.config.watchdog.stall_s)
-            if why:
-                reasons.append(f"{cam}: {why}")
+        """Healthy while every camera makes progress and the audit log's writer lives (feeds the watchdog)."""
+        now = time.monotonic()
+        reasons = [f"{cam}: {why}" for cam in list(self.pipelines) for why in self.camera_health(cam, now)]
         if self.recorder is not None and not self.recorder.alive():
             reasons.append("audit writer thread ended")
         return not reasons, reasons
 
-    def status(self) -> dict[str, Any]:
-        """The snapshot behind ``appliance status``, ``/api/status`` and ``/metrics``."""
-        healthy, reasons = self.health()
-        cameras = {}
-        for cam, pipeline in self.pipelines.items():
-            value, source = self.threshold_for(cam, time.time())
-            cameras[cam] = pipeline.status() | {"threshold": {"value": value, "source": source}}
+    def status(self) -> Status:
+        """The snapshot behind ``appliance status``, ``/api/status``, metrics and every PLC output."""
+        now = time.monotonic()
+        writer_ok = self.recorder is not None and self.recorder.alive()
+        cameras, reasons = {}, []
+        for cam, pipeline in list(self.pipelines.items()):
+            why = self.camera_health(cam, now)
+            reasons += [f"{cam}: {w}" for w in why]
+            value, source = self.thresholds.threshold_for(cam, time.time())
+            info = pipeline.status()
+            ready = (not why and writer_ok and not self._is_stopping and info["state"] == "running"
+                     and info["enabled"] and bool(info["bundle"]["model_id"]))
+            cameras[cam] = CameraStatus(**info, healthy=not why, unhealthy=why, ready=ready,
+                                        threshold={"value": value, "source": source})
+        if not writer_ok and self.recorder is not None:
+            reasons.append("audit writer thread ended")
         outputs = self.outputs.state() if self.outputs else {}
         if self.recorder is not None:
             outputs = {"audit": self.recorder.state(), **outputs}
-        return {"daemon": {"version": __version__, "pid": os.getpid(), "started_at": self.started_at,
-                           "uptime_s": round(time.time() - self.started_at, 1), "config": str(self.config_path),
-                           "healthy": healthy, "unhealthy": reasons, "timezone": self.config.timezone},
-                "cameras": cameras, "outputs": outputs}
+        daemon = DaemonInfo(version=__version__, pid=os.getpid(), run_id=self.run_id, started_at=self.started_at,
+                            uptime_s=round(time.time() - self.started_at, 1), config=str(self.config_path),
+                            healthy=not reasons, unhealthy=reasons, stopping=self._is_stopping,
+                            alarms=list(self._alarms.values()), timezone=self.config.timezone,
+                            metrics_url=self.metrics.url)
+        return Status(daemon=daemon, cameras=cameras, outputs=outputs,
+                      disk=self.disk.snapshot() if self.disk else {})
 
     def status_line(self) -> str:
-        """Systemd's one-line STATUS: rate and last verdict per camera."""
+        """Systemd's one-line STATUS: rate and last verdict per camera, and any alarm."""
         parts = []
-        for cam, pipeline in self.pipelines.items():
+        for cam, pipeline in list(self.pipelines.items()):
             snap = pipeline.stats.snapshot()
             last = snap["last"]["verdict"].upper() if snap["last"] else "-"
             parts.append(f"{cam} {snap['fps']:.1f} fps last {last} ({pipeline.capture.state})")
+        parts += [f"ALARM {a.kind}" for a in self._alarms.values()]
         return "; ".join(parts) or "no cameras"
 
     # ------------------------------------------------------------ reload
     async def reload(self) -> dict[str, Any]:
         """Read the config file again and apply what changed; a bad file is refused and nothing changes."""
         if self.config_path is None:
-            raise ConfigError("the daemon was not started from a config file; nothing to reload")
+            raise CommandError("the daemon was not started from a config file; nothing to reload")
         try:
             new = load_config(self.config_path)
             return await asyncio.get_running_loop().run_in_executor(None, self._apply, new)
@@ -318,76 +323,65 @@ class Daemon:
 
     def _apply(self, new: DaemonConfig) -> dict[str, Any]:
         old = self.config
-        restart_needed = [k for k in ("paths", "audit", "control", "outputs", "runtime", "timezone")
-                          if getattr(old, k) != getattr(new, k)]
-        old_cams = {c.id: c for c in old.cameras}
-        new_cams = {c.id: c for c in new.cameras}
-        engines: dict[str, Engine] = {}
-        for cam in new.cameras:  # load every new model first: a bundle that fails refuses the whole reload
-            before = old_cams.get(cam.id)
-            if cam.enabled and (before is None or cam.bundle != before.bundle or not before.enabled
-                                or cam.source != before.source or cam.trigger != before.trigger
-                                or cam.queue != before.queue):
-                engines[cam.id] = self._load_engine(cam)
-        self.config = new.model_copy(update={k: getattr(old, k) for k in restart_needed})
+        plan = plan_reload(old, new, set(self.pipelines))
+        cams = {c.id: c for c in new.cameras}
+        engines = {cam: self._load_engine(cams[cam]) for cam in plan.loads}  # any failure refuses the reload
+        self.config = new.model_copy(update={k: getattr(old, k) for k in plan.restart_needed})
+        self.thresholds.reconfigure(self.config)
+        budget = self.config.runtime.stop_timeout_s
         changes = []
-        for cam_id, pipeline in list(self.pipelines.items()):
-            cam = new_cams.get(cam_id)
-            if cam is None or not cam.enabled:
-                pipeline.stop()
-                pipeline.engine.close()
-                del self.pipelines[cam_id]
-                changes.append(f"{cam_id}: stopped")
-        for cam in new.cameras:
-            self._camera_overlay(cam)
-            if not cam.enabled:
-                continue
-            before, pipeline = old_cams.get(cam.id), self.pipelines.get(cam.id)
-            if pipeline is None:
-                self.pipelines[cam.id] = self._pipeline(cam, engines[cam.id])
-                self.pipelines[cam.id].start()
-                changes.append(f"{cam.id}: started")
-            elif cam.source != before.source or cam.trigger != before.trigger or cam.queue != before.queue:
-                pipeline.stop()
-                old_engine = pipeline.engine
-                self.pipelines[cam.id] = self._pipeline(cam, engines[cam.id])
-                self.pipelines[cam.id].start()
-                old_engine.close()
-                changes.append(f"{cam.id}: restarted (source or trigger changed)")
-            elif cam.id in engines:
-                old_engine = pipeline.engine
-                pipeline.swap_engine(engines[cam.id])
-                changes.append(f"{cam.id}: model {old_engine.model_id} -> {engines[cam.id].model_id} (hot swap)")
-            else:
-                pipeline.camera = cam  # thresholds and overlay options take effect with the next frame
-                if cam != before:
-                    changes.append(f"{cam.id}: settings updated")
-        note = f"; needs a restart to apply: {', '.join(restart_needed)}" if restart_needed else ""
-        self.recorder.event("reload", detail="; ".join(changes) + note,
-                            data={"changes": changes, "restart_needed": restart_needed})
-        return {"changes": changes, "restart_needed": restart_needed}
+        for cam in plan.stop:
+            pipeline = self.pipelines.pop(cam)
+            pipeline.stop(budget)
+            pipeline.engine.close()
+            changes.append(f"{cam}: stopped")
+        for cam in plan.restart:
+            old_pipeline = self.pipelines[cam]
+            old_pipeline.stop(budget)
+            old_pipeline.engine.close()
+        for camera in new.cameras:
+            self._camera_overlay(camera)
+        for cam in (*plan.start, *plan.restart):
+            self.pipelines[cam] = self._pipeline(cams[cam], engines[cam])
+            self.pipelines[cam].start()
+            changes.append(f"{cam}: started" if cam in plan.start else f"{cam}: restarted (source or trigger changed)")
+        for cam in plan.swap:
+            before = self.pipelines[cam].engine.model_id
+            self.pipelines[cam].camera = cams[cam]
+            self.pipelines[cam].swap_engine(engines[cam])
+            changes.append(f"{cam}: model {before} -> {engines[cam].model_id} (hot swap)")
+        for cam in plan.update:
+            self.pipelines[cam].camera = cams[cam]  # thresholds and overlay options take effect with the next frame
+            changes.append(f"{cam}: settings updated")
+        note = f"; needs a restart to apply: {', '.join(plan.restart_needed)}" if plan.restart_needed else ""
+        self.recorder.event("reload", detail=("; ".join(changes) or "no changes") + note,
+                            data={"changes": changes, "restart_needed": list(plan.restart_needed)})
+        return {"changes": changes, "restart_needed": list(plan.restart_needed)}
 
     # ------------------------------------------------------------ run
     async def run(self) -> None:
-        """Start everything, tell systemd, serve until SIGTERM/SIGINT, then drain and stop."""
+        """Start everything, tell systemd, serve until SIGTERM/SIGINT, then stop in order."""
         self.loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # from the first moment: a stop during start-up is orderly too
+            self.loop.add_signal_handler(sig, self._stopping.set)
+        started = time.monotonic()
         try:
             await self.loop.run_in_executor(None, self.prepare)
         except BaseException as exc:
             await self.loop.run_in_executor(None, self._start_failed, exc)
             raise
         cfg = self.config.control
-        self.control = ControlServer(cfg.socket, self.handle, cfg.mode, cfg.group)
+        self.control = ControlServer(cfg.socket, self.dispatcher.run, cfg.mode, cfg.group)
         try:
             await self.control.start()
             for pipeline in self.pipelines.values():
                 pipeline.start()
-            self.loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-            self.loop.add_signal_handler(signal.SIGINT, self._stopping.set)
             self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_quietly()))
             notify("READY=1", f"STATUS=inspecting {len(self.pipelines)} camera(s)")
-            log.info("ready: %d camera(s), outputs %s", len(self.pipelines), self.outputs.names)
+            seconds = time.monotonic() - started
+            log.info("ready in %.1f s: %d camera(s), outputs %s", seconds, len(self.pipelines), self.outputs.names)
+            self.recorder.event("ready", detail=f"ready in {seconds:.1f} s", data={"seconds": round(seconds, 2)})
             await self._serve()
         finally:
             await self._shutdown()
@@ -400,6 +394,7 @@ class Daemon:
         if self.outputs is not None:
             with contextlib.suppress(Exception):
                 self.outputs.close(timeout=2.0)
+        self.metrics.close()
         if self.recorder is not None:
             self.recorder.event("start_failed", detail=str(exc) or type(exc).__name__)
             self.recorder.close()
@@ -409,6 +404,7 @@ class Daemon:
         last_status = 0.0
         while not self._stopping.is_set():
             self.watchdog.tick()
+            self.disk.maybe_check()
             if time.monotonic() - last_status >= STATUS_EVERY_S:
                 notify(f"STATUS={self.status_line()}")
                 last_status = time.monotonic()
@@ -430,21 +426,39 @@ class Daemon:
             self.loop.call_soon_threadsafe(self._stopping.set)
 
     async def _shutdown(self) -> None:
-        notify("STOPPING=1", "STATUS=draining")
-        log.info("stopping: draining queues")
-        await self.loop.run_in_executor(None, self._drain)
+        self._is_stopping = True  # Ready drops on every PLC output from now on
+        budget = self.config.runtime.stop_timeout_s
+        notify("STOPPING=1", "STATUS=stopping: inspecting what is queued, draining the outputs")
+        log.info("stopping (budget %.0f s): inspecting what is queued, then draining the outputs", budget)
         if self.control is not None:
             await self.control.stop()
+        await self.loop.run_in_executor(None, self._stop_in_order, budget)
 
-    def _drain(self) -> None:
-        for pipeline in self.pipelines.values():
-            pipeline.stop()
+    def _stop_in_order(self, budget: float) -> None:
+        """Capture and inspection, audit flush, outputs, engines, audit log: each within its share of ``budget``."""
+        started = time.monotonic()
+        unfinished = [cam for cam, p in self.pipelines.items() if not p.stop(budget * _DRAIN_SHARE)]
         if self.recorder is not None:
-            self.recorder.flush()
+            with contextlib.suppress(ApplianceError, TimeoutError):
+                self.recorder.flush(timeout=max(1.0, budget * 0.1))
+        stuck: list[str] = []
         if self.outputs is not None:
-            self.outputs.close()
-        for pipeline in self.pipelines.values():
-            pipeline.engine.close()
-        if self.recorder is not None:
-            self.recorder.event("stop", detail="orderly stop")
-            self.recorder.close()
+            stuck = self.outputs.close(timeout=budget * _OUTPUT_SHARE)
+        self.metrics.close()
+        for cam, pipeline in self.pipelines.items():
+            if cam not in unfinished:  # a pipeline still inside the engine keeps its engine (the process exits)
+                pipeline.engine.close()
+        self.abandoned = ([f"inspect-{cam}" for cam in unfinished] + [f"output-{name}" for name in stuck]
+                          + [f"capture-{cam}" for cam, p in self.pipelines.items() if p.capture.alive])
+        if self.recorder is None:
+            return
+        workers = self.outputs.workers if self.outputs else []
+        dropped: dict[str, int] = {}
+        with contextlib.suppress(ApplianceError, TimeoutError):
+            dropped = self.recorder.abandon([w.name for w in workers if not w.publisher.durable],
+                                            "not delivered: the daemon stopped before this output took it")
+        seconds = time.monotonic() - started
+        self.recorder.event("stop", detail=f"orderly stop in {seconds:.1f} s", data={
+            "seconds": round(seconds, 2), "budget_s": budget, "undelivered": dropped,
+            "threads_abandoned": self.abandoned})
+        self.recorder.close(timeout=max(2.0, budget - seconds))

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,13 @@ def notify(*lines: str) -> bool:
     if not os.environ.get("NOTIFY_SOCKET"):
         return False
     message = "\n".join(lines)
-    if _sd_daemon is not None:
-        return bool(_sd_daemon.notify(message))
-    return _notify_socket(message)  # pragma: no cover
+    try:
+        if _sd_daemon is not None:
+            return bool(_sd_daemon.notify(message))
+        return _notify_socket(message)  # pragma: no cover
+    except OSError as exc:  # the manager's socket went away or refuses: inspection must not stop for that
+        log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
 
 
 def _notify_socket(message: str) -> bool:  # pragma: no cover - the fallback without systemd-python
@@ -81,8 +86,50 @@ class _JournalFields(logging.Filter):
         return True
 
 
+class RateLimit(logging.Filter):
+    """At most ``burst`` records of one kind (logger and message template) per ``window_s``; the rest counted.
+
+    A camera that sends a bad frame every second, or a client that fuzzes a port, must not flood
+    the journal, nor go silent: the next record of that kind let through says how many were held back.
+    """
+
+    def __init__(self, burst: int = 10, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.burst, self.window_s = burst, window_s
+        self._kinds: dict[tuple[str, str], list[float]] = {}  # kind -> [window start, sent, held]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Let the record through unless its kind has spent its budget in this window."""
+        key = (record.name, str(record.msg)[:200])
+        now = time.monotonic()
+        state = self._kinds.get(key)
+        if state is None or now - state[0] >= self.window_s:
+            held = int(state[2]) if state else 0
+            state = self._kinds[key] = [now, 0, 0]
+            if len(self._kinds) > 10_000:  # a message whose template varies: forget the oldest kinds
+                for old in list(self._kinds)[:5_000]:
+                    del self._kinds[old]
+        else:
+            held = 0
+        if state[1] >= self.burst:
+            state[2] += 1
+            return False
+        state[1] += 1
+        if held:
+            record.msg = f"{record.msg} ({held} similar messages held back in the last {self.window_s:.0f} s)"
+        return True
+
+
+#: Libraries whose routine chatter is not the appliance's business at INFO (one line per session or frame).
+QUIET = {"faiss.loader": logging.WARNING, "asyncua": logging.WARNING, "pymodbus": logging.ERROR,
+         "aiohttp.access": logging.WARNING, "numba": logging.WARNING}
+
+
 def setup_logging(level: str = "INFO") -> None:
-    """Journald with structured fields when started by systemd (``JOURNAL_STREAM`` set), else stderr."""
+    """Journald with structured fields when started by systemd (``JOURNAL_STREAM`` set), else stderr.
+
+    Every record goes through one rate limit; the libraries in ``QUIET`` log only what matters.
+    """
     root = logging.getLogger()
     root.setLevel(level)
     for handler in list(root.handlers):
@@ -93,5 +140,7 @@ def setup_logging(level: str = "INFO") -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RateLimit())
     root.addHandler(handler)
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded, at every start
+    for name, quiet in QUIET.items():
+        logging.getLogger(name).setLevel(max(quiet, root.level))

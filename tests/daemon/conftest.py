@@ -86,6 +86,7 @@ def write_config(path: Path, cameras: list[dict[str, Any]], outputs: list[dict[s
         "paths": {"state": str(root / "state"), "cache": str(cache or root / "cache")},
         "control": {"socket": str(root / "control.sock"), "mode": "0600"},
         "runtime": {"threads": 1, "warmup_frames": 1},
+        "metrics": {"port": 0},  # daemons of parallel tests must not compete for one port
         "outputs": outputs if outputs is not None else [],
         "cameras": cameras,
     }

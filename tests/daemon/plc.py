@@ -9,6 +9,7 @@ daemon with the same Modbus helpers.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import threading
 import time
@@ -18,10 +19,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from pymodbus.client import ModbusTcpClient
+from snapshots import snapshot
 
 from appliance.daemon import modbus_map as mm
 from appliance.daemon.publishers import OutputContext
 from appliance.daemon.records import Inspection, new_inspection_id
+from appliance.daemon.status import Status
 from appliance.errors import ConfigError
 
 S = mm.Status
@@ -37,21 +40,29 @@ class Plant:
         self.thread.start()
         self.healthy = True
         self.cameras = {cam: {"state": "running", "enabled": True, "bundle": {"model_id": "m1"},
-                              "threshold": {"value": 0.5}} for cam in ("cam1", "cam2")}
+                              "threshold": {"value": 0.5, "source": "bundle"}} for cam in ("cam1", "cam2")}
+        self.alarms: list[dict[str, Any]] = []
         self.triggers: list[tuple[str, str]] = []
         self.trigger_answer: Callable[[], bool] = lambda: True
         self.commands: list[dict[str, Any]] = []
 
-    def status(self) -> dict[str, Any]:
-        return {"daemon": {"healthy": self.healthy}, "cameras": {k: dict(v) for k, v in self.cameras.items()}}
+    def status(self) -> Status:
+        """The daemon's snapshot: a camera is ready while the plant is healthy and it runs, enabled, with a model."""
+        cams = {}
+        for cam, c in self.cameras.items():
+            ready = (self.healthy and c.get("state") == "running" and c.get("enabled", True)
+                     and bool((c.get("bundle") or {}).get("model_id")))
+            cams[cam] = {**c, "ready": ready, "healthy": self.healthy}
+        return snapshot(cams, healthy=self.healthy, alarms=self.alarms)
 
     def trigger(self, camera: str, trigger_id: str | None) -> bool:
         self.triggers.append((camera, trigger_id))
         return self.trigger_answer()
 
-    async def control(self, request: dict[str, Any]) -> Any:
-        self.commands.append(request)
-        if request.get("slot") == 9:
+    async def control(self, command: Any) -> Any:
+        """The daemon's dispatcher: records the typed command as the fields its sender set."""
+        self.commands.append({"cmd": command.cmd, **command.model_dump(exclude_unset=True)})
+        if getattr(command, "slot", None) == 9:
             raise ConfigError("camera cam1 has no bundle slot 9")
         return {"ok": True}
 
@@ -95,3 +106,30 @@ def control(plc: ModbusTcpClient, value: int, unit: int = 1) -> None:
 def score_of(regs: list[int]) -> float:
     return struct.unpack(">f", struct.pack(">HH", regs[mm.IR_SCORE_HI], regs[mm.IR_SCORE_LO]))[0]
 
+
+
+def trigger_once(plc: ModbusTcpClient, unit: int = 1) -> int:
+    """One PLC trigger handshake (TriggerEnable, Trigger up, TriggerAck, Trigger down); the TriggerID taken."""
+    control(plc, EN, unit)
+    control(plc, EN | mm.TRIGGER, unit)
+    regs = wait_bits(plc, on=S.TRIGGER_ACK, unit=unit)
+    control(plc, EN, unit)
+    wait_bits(plc, off=S.TRIGGER_ACK, unit=unit)
+    return regs[mm.IR_TRIGGER_ID]
+
+
+def mbap(tid: int, pdu: bytes, unit: int = 1, pid: int = 0, length: int | None = None) -> bytes:
+    """A Modbus TCP frame as raw bytes: MBAP header (``length`` overrides the true one) and PDU."""
+    return struct.pack(">HHHB", tid, pid, len(pdu) + 1 if length is None else length, unit) + pdu
+
+
+def exchange(sock: socket.socket, frame: bytes) -> bytes:
+    """Send one raw frame and read exactly one answer (header first, then the length it gives)."""
+    sock.sendall(frame)
+    answer = b""
+    while len(answer) < 6 or len(answer) < 6 + int.from_bytes(answer[4:6], "big"):
+        chunk = sock.recv(512)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {answer.hex()!r}")
+        answer += chunk
+    return answer

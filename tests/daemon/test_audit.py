@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -72,7 +73,7 @@ def test_schema_and_one_row_per_inspection(tmp_path):
     rec.close()
 
     conn = connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT count(*) FROM inspections").fetchone()[0] == 2
@@ -83,6 +84,7 @@ def test_schema_and_one_row_per_inspection(tmp_path):
     assert (row["threshold"], row["threshold_source"], row["raw_score"], row["score"]) == (0.5, "shift:night", 3.5,
                                                                                          0.71)
     assert (row["model_id"], row["bank_hash"], row["image_sha256"]) == ("bundle-1", "cafe", "ab" * 32)
+    assert row["run_id"] == rec.run_id and row["file_sha256"] is None
     assert row["source"] == "/data/in/a.png" and row["overlay_path"] == "/var/lib/x/ovl.png"
     assert json.loads(row["latency_ms"]) == {"backbone": 41.25, "scorer": 3.5, "total": 50.0}
     assert conn.execute("SELECT json_extract(latency_ms, '$.backbone') FROM inspections WHERE id = ?",
@@ -114,7 +116,7 @@ def test_then_runs_only_once_the_row_is_visible_elsewhere(recorder):
 
     for k in range(n):
         ins = inspection(k)
-        recorder.record(ins, ["overlay", "mqtt"], then=lambda i=ins.id: then(i))
+        recorder.record(ins, ["overlay", "mqtt"], then=lambda _committed, i=ins.id: then(i))
     recorder.flush()
     assert seen == [(1, 2)] * n
 
@@ -136,7 +138,7 @@ def test_group_commit_from_many_threads(tmp_path):
         for k in range(per_thread):
             ins = inspection(k, camera=f"cam{t}")
             sent[t].append(ins.id)
-            rec.record(ins, ["mqtt"], {"mqtt": ins.id}, then=lambda i=ins.id: called.append(i))
+            rec.record(ins, ["mqtt"], {"mqtt": ins.id}, then=lambda _committed, i=ins.id: called.append(i))
 
     workers = [threading.Thread(target=producer, args=(t,)) for t in range(threads)]
     for w in workers:
@@ -201,11 +203,105 @@ def test_pending_is_the_outbox_oldest_first_across_a_restart(tmp_path):
     rec.close()
 
     again = Recorder(path, retention_interval_s=3600)  # the daemon restarted: the outbox is still there
-    again.start()
+    again.start(durable=["mqtt"])
     try:
         assert [(r["inspection_id"], r["payload"]) for r in again.pending("mqtt")] == expect
+        assert again.pending("overlay") == []  # nothing will ever draw those: dropped, with why
     finally:
         again.close()
+    dropped = connect(path).execute("SELECT count(*), min(detail) FROM deliveries WHERE output = 'overlay' AND "
+                                    "status = 'dropped'").fetchone()
+    assert dropped[0] == 6 and "stopped before" in dropped[1]
+
+
+def test_a_run_killed_without_a_stop_event_is_recorded_at_the_next_start(tmp_path):
+    path = tmp_path / "audit.db"
+    first = Recorder(path, retention_interval_s=3600, run_id="run-one")
+    first.start()
+    first.event("start", data={"pid": 4242, "version": "x"})
+    first.record(inspection(1), ["overlay"])
+    first.close()  # no "stop" event: as after a kill -9
+    second = Recorder(path, retention_interval_s=3600, run_id="run-two")
+    assert second.start()["pid"] == 4242
+    second.event("start", data={"pid": 4343})
+    second.event("stop", detail="orderly stop")
+    second.close()
+    third = Recorder(path, retention_interval_s=3600)
+    assert third.start() is None  # the second run stopped in order
+    third.close()
+    conn = connect(path)
+    rows = [dict(r) for r in conn.execute("SELECT kind, data, run_id FROM events WHERE kind = 'unclean_stop'")]
+    assert len(rows) == 1 and rows[0]["run_id"] == "run-two"
+    data = json.loads(rows[0]["data"])
+    assert data["run_id"] == "run-one" and data["inspections"] == 1 and data["pid"] == 4242
+    assert conn.execute("SELECT run_id FROM inspections").fetchone()[0] == "run-one"
+
+
+def test_a_dropped_overlay_no_longer_names_its_file(recorder):
+    kept, lost = inspection(1), dataclasses.replace(inspection(2), overlay_path="/x/2.png")
+    kept = dataclasses.replace(kept, overlay_path="/x/1.png")
+    recorder.artifacts["overlay"] = "overlay_path"
+    recorder.record(kept, ["overlay"])
+    recorder.record(lost, ["overlay"])
+    recorder.delivered(kept.id, "overlay", "sent", "/x/1.png")
+    recorder.delivered(lost.id, "overlay", "dropped", "overlay queue full (256)")
+    recorder.flush()
+    rows = dict(connect(recorder.path).execute("SELECT id, overlay_path FROM inspections").fetchall())
+    assert rows == {kept.id: "/x/1.png", lost.id: None}
+
+
+def test_what_cannot_be_written_at_close_is_spilled_and_written_at_the_next_start(tmp_path):
+    path = tmp_path / "db" / "audit.db"
+    spare = tmp_path / "spare"
+    rec = Recorder(path, retention_interval_s=3600, retry_s=0.05, retry_max_s=0.1, run_id="full", spill_dirs=[spare])
+    rec.start()
+    rec.record(inspection(1), ["mqtt"], {"mqtt": "p1"})
+    rec.flush()
+    rec.on_writer(lambda db: db.execute("PRAGMA query_only = 1"))  # every write now fails, as on a full disk
+    committed: list[bool] = []
+    rec.record(inspection(2), ["mqtt"], {"mqtt": "p2"}, then=committed.append)
+    rec.event("camera_lost", "cam1", "gone")
+    rec.flush()
+    assert committed == [False] and rec.state()["state"] == "error"
+    rec.close()
+    spills = list(path.parent.glob("audit-spill-*.jsonl")) + list(spare.glob("audit-spill-*.jsonl"))
+    assert len(spills) == 1
+    again = Recorder(path, retention_interval_s=3600, spill_dirs=[spare])
+    again.start(durable=["mqtt"])
+    try:
+        assert [r["payload"] for r in again.pending("mqtt")] == ["p1", "p2"]
+    finally:
+        again.close()
+    assert not list(path.parent.glob("audit-spill-*")) and not list(spare.glob("audit-spill-*"))
+    kinds = [r[0] for r in connect(path).execute("SELECT kind FROM events ORDER BY id")]
+    assert "camera_lost" in kinds and "audit_spill_written" in kinds
+
+
+def test_a_version_1_file_is_migrated_in_place(tmp_path):
+    path = tmp_path / "audit.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE inspections (id TEXT PRIMARY KEY, time TEXT NOT NULL, camera TEXT NOT NULL, seq INTEGER NOT NULL,
+            trigger_id TEXT, captured_at FLOAT NOT NULL, finished_at FLOAT NOT NULL, verdict TEXT NOT NULL,
+            score FLOAT, raw_score FLOAT, threshold FLOAT, threshold_source TEXT, error TEXT, model_id TEXT,
+            bank_hash TEXT, source TEXT, image_sha256 TEXT, overlay_path TEXT, latency_ms TEXT);
+        CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, inspection_id TEXT NOT NULL,
+            output TEXT NOT NULL, status TEXT NOT NULL, payload TEXT, created_at REAL NOT NULL, delivered_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, detail TEXT);
+        CREATE TABLE events (id INTEGER PRIMARY KEY, at FLOAT NOT NULL, time TEXT NOT NULL, kind TEXT NOT NULL,
+            camera TEXT, detail TEXT, data TEXT);
+        INSERT INTO inspections VALUES ('old', '2024', 'cam1', 1, NULL, 1.0, 1.0, 'ok', 0.1, 0.1, 0.5, 'bundle',
+            NULL, 'm', 'b', NULL, NULL, NULL, '{}');
+        PRAGMA user_version = 1;""")
+    conn.close()
+    rec = Recorder(path, retention_days=100_000, retention_interval_s=3600)
+    rec.start()
+    rec.record(inspection(1), [])
+    rec.close()
+    conn = connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    rows = [dict(r) for r in conn.execute("SELECT id, run_id FROM inspections ORDER BY captured_at")]
+    assert rows[0] == {"id": "old", "run_id": None} and rows[1]["run_id"] == rec.run_id
 
 
 def test_events(recorder):
@@ -227,8 +323,8 @@ def test_events(recorder):
 
 def test_then_that_raises_does_not_stop_the_writer(recorder):
     got = []
-    recorder.record(inspection(1), ["overlay"], then=lambda: 1 / 0)
-    recorder.record(inspection(2), ["overlay"], then=lambda: got.append(2))
+    recorder.record(inspection(1), ["overlay"], then=lambda _committed: 1 / 0)
+    recorder.record(inspection(2), ["overlay"], then=lambda _committed: got.append(2))
     recorder.flush()
     assert got == [2] and recorder.state()["state"] == "ok" and recorder.state()["written"] == 2
 
@@ -239,7 +335,7 @@ def test_then_may_call_back_into_the_recorder(tmp_path):
     rec.start()
     items = [inspection(k) for k in range(40)]
     for ins in items:
-        rec.record(ins, ["mqtt"], {"mqtt": "p"}, then=lambda i=ins.id: (rec.delivered(i, "mqtt"), rec.flush(1)))
+        rec.record(ins, ["mqtt"], {"mqtt": "p"}, then=lambda _c, i=ins.id: (rec.delivered(i, "mqtt"), rec.flush(1)))
     rec.close(timeout=10)
     conn = connect(rec.path)
     assert [tuple(r) for r in conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status")] == [("sent", 40)]
@@ -324,7 +420,7 @@ def test_full_disk_keeps_delivering_then_recovers_without_loss(recorder):
     during = [inspection(100 + k) for k in range(40)]
     called = []
     for ins in during:
-        recorder.record(ins, ["mqtt"], {"mqtt": "y" * 4000}, then=lambda i=ins.id: called.append(i))
+        recorder.record(ins, ["mqtt"], {"mqtt": "y" * 4000}, then=lambda _committed, i=ins.id: called.append(i))
     recorder.flush()
     state = recorder.state()
     assert called == [i.id for i in during]  # outputs kept delivering
@@ -356,7 +452,7 @@ def test_backlog_overflow_is_counted(tmp_path):
     rec.on_writer(lambda db: _set_max_pages(db, None))
     called = []
     for k in range(30):
-        rec.record(inspection(k + 1), ["mqtt"], {"mqtt": "y" * 4000}, then=lambda k=k: called.append(k))
+        rec.record(inspection(k + 1), ["mqtt"], {"mqtt": "y" * 4000}, then=lambda _committed, k=k: called.append(k))
     rec.flush()
     state = rec.state()
     assert len(called) == 30
@@ -416,7 +512,7 @@ while True:
     ins = Inspection(id=new_inspection_id(now), camera="cam", seq=seq, captured_at=now, finished_at=now,
                      verdict="ok", score=0.25, latency_ms={"total": 1.0})
     rec.record(ins, ["overlay", "mqtt"], {"mqtt": "p" * 200},
-               then=lambda i=ins.id: (out.write(i + "\n"), out.flush()))
+               then=lambda _committed, i=ins.id: (out.write(i + "\n"), out.flush()))
     seq += 1
     if seq % 64 == 0:
         time.sleep(0.002)

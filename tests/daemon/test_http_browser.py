@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
+from snapshots import snapshot
 
+from appliance.daemon.latest import LatestImage, LatestImages
 from appliance.daemon.publishers import OutputContext
 from appliance.daemon.publishers.http import HttpConfig, HttpPublisher
 from appliance.daemon.records import Inspection, new_inspection_id
-from appliance.overlay import render_overlay, save_overlay
+from appliance.daemon.status import Status
+from appliance.overlay import encode_overlay, render_panel
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -100,18 +103,16 @@ def loop():
     loop.close()
 
 
-def status_snapshot() -> dict:
-    return {
-        "daemon": {"healthy": True, "unhealthy": []},
-        "cameras": {
-            "line1": {"state": "running", "fps": 9.8, "latency_ms": {"p50": 21.5, "p99": 48.0}, "queue_depth": 1,
-                      "drops": 2, "frames": 50, "counts": {"ok": 41, "ng": 7, "error": 2},
-                      "bundle": {"model_id": MODEL}, "threshold": {"value": 0.45, "source": "shift:night"}},
-            "line2": {"state": "reconnecting", "fps": 0.0, "latency_ms": {}, "queue_depth": 0, "drops": 0},
-        },
-        "outputs": {"overlay": {"state": "ok", "backlog": 0}, "audit": {"state": "ok", "backlog": 0},
-                    "mqtt": {"state": "disconnected", "backlog": 42}, "http": {"state": "ok", "backlog": 0}},
-    }
+def status_snapshot(alarms: list[dict] | None = None) -> Status:
+    return snapshot(
+        {"line1": {"fps": 9.8, "latency_ms": {"p50": 21.5, "p99": 48.0}, "queue_depth": 1, "drops": 2, "frames": 50,
+                   "counts": {"ok": 41, "ng": 7, "error": 2}, "bundle": {"model_id": MODEL},
+                   "threshold": {"value": 0.45, "source": "shift:night"}},
+         "line2": {"state": "reconnecting", "state_detail": "rtsp timeout", "ready": False, "frames": 1,
+                   "counts": {"ok": 0, "ng": 0, "error": 1}}},
+        alarms=alarms,
+        outputs={"overlay": {"state": "ok", "backlog": 0}, "audit": {"state": "ok", "backlog": 0},
+                 "mqtt": {"state": "disconnected", "backlog": 42}, "http": {"state": "ok", "backlog": 0}})
 
 
 def inspections(camera: str, n: int, last_verdict: str, last_score: float | None) -> list[Inspection]:
@@ -131,27 +132,43 @@ def inspections(camera: str, n: int, last_verdict: str, last_score: float | None
     return out
 
 
-def write_overlay(state_dir: Path, textures, camera: str) -> Path:
-    """A real overlay, as the overlay output draws it, at ``<state>/overlays/<camera>/latest.png``."""
-    frame, mask = textures.blob(textures.good(np.random.default_rng(1), (200, 480)), (300, 110), radius=12)
-    heat = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 8) * 3.0
-    overlay = render_overlay(frame, np.clip(heat, 0, 1), score=0.734, threshold=0.45, verdict="anomalous",
-                             model_id=MODEL)
-    meta = {"score": 0.734, "threshold": 0.45, "verdict": "ng", "model_id": MODEL, "raw_score": 5.14,
-            "timestamp": time.time(), "camera": camera, "source": None}
-    return save_overlay(state_dir / "overlays" / camera / "latest.png", overlay, meta)
+def overlay_of(record: Inspection, textures) -> LatestImage:
+    """A real overlay of ``record`` as the overlay output draws and encodes it, as the latest image it keeps."""
+    frame, mask = textures.blob(textures.good(np.random.default_rng(record.seq), (200, 480)), (300, 110), radius=12)
+    heat = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 8) * (3.0 if record.verdict == "ng" else 0.3)
+    panel = render_panel(frame, np.clip(heat, 0, 1), 1024, 600, score=record.score or 0.0, threshold=0.45,
+                         verdict=record.verdict, model_id=MODEL)
+    meta = {"inspection_id": record.id, "seq": record.seq, "score": record.score, "threshold": 0.45,
+            "verdict": record.verdict, "model_id": MODEL, "raw_score": 5.14, "timestamp": record.captured_at,
+            "camera": record.camera, "source": None}
+    return LatestImage(record.id, record.seq, record.verdict, record.captured_at, time.time(),
+                       encode_overlay(panel, meta))
+
+
+class Daemon:
+    """The daemon's status function over a snapshot the test can change."""
+
+    def __init__(self, value: Status) -> None:
+        self.value = value
+
+    def __call__(self) -> Status:
+        return self.value
 
 
 @pytest.fixture
 def page(tmp_path, loop, textures):
-    """A running HTTP output with 60 inspections of line1 (the last NG at 0.734) and one error on line2."""
+    """A running HTTP output with 60 inspections of line1 (the last NG at 0.734, its image drawn) and one error
+    on line2."""
     state = tmp_path / "state"
-    context = OutputContext(state_dir=state, status=status_snapshot, registry=CollectorRegistry(), loop=loop)
+    context = OutputContext(state_dir=state, status=Daemon(status_snapshot()), registry=CollectorRegistry(),
+                            loop=loop, latest=LatestImages())
     pub = HttpPublisher(HttpConfig(type="http", port=0), context)
     pub.start()
-    for record in inspections("line1", 60, "ng", 0.734) + inspections("line2", 1, "error", None):
+    line1 = inspections("line1", 60, "ng", 0.734)
+    for record in line1 + inspections("line2", 1, "error", None):
         pub.publish(record)
-    write_overlay(state, textures, "line1")
+    context.latest.put("line1", overlay_of(line1[-1], textures))
+    pub.line1 = line1
     yield pub
     pub.close()
 
@@ -172,8 +189,13 @@ def test_live_page_dom_after_script(page, tmp_path):
     outputs = dom.text("outputs")
     assert "mqtt" in outputs and "disconnected" in outputs and "42 queued" in outputs
     src = dom.attr("overlay", "src")
-    assert src and "/api/cameras/line1/latest.png?v=" in src and "hidden" not in dom.by_id["overlay"]["attrs"]
-    assert "hidden" in dom.by_id["noimage"]["attrs"]
+    assert src and src.endswith(f"/api/cameras/line1/latest.png?id={page.line1[-1].id}")
+    assert "hidden" not in dom.by_id["overlay"]["attrs"] and "hidden" in dom.by_id["noimage"]["attrs"]
+    # The image is this verdict's: shown plainly, captioned with its inspection.
+    assert "stale" not in dom.attr("view", "class").split()
+    assert dom.text("imgcaption").startswith("image #1059 \u00b7 ")
+    assert dom.text("ready") == "READY" and "hidden" in dom.by_id["ready-why"]["attrs"]
+    assert "hidden" in dom.by_id["alarms"]["attrs"]
     # The trend: one vertex per inspection, the threshold line, a marker on every NG point.
     series = re.search(r'<path class="series" d="([^"]+)"', markup)
     assert series and len(re.findall(r"[ML]", series.group(1))) == 60
@@ -190,6 +212,7 @@ def test_error_camera_page(page, tmp_path):
     assert dom.text("error") == "camera timeout: no frame in 2 s"
     assert dom.text("score") == "\u2014" and dom.text("state").lower() == "reconnecting"
     assert "hidden" in dom.by_id["overlay"]["attrs"] and "hidden" not in dom.by_id["noimage"]["attrs"]
+    assert dom.text("ready") == "NOT READY" and dom.text("ready-why") == "Not ready: camera reconnecting: rtsp timeout"
     assert (dom.text("count-ok"), dom.text("count-ng"), dom.text("count-error")) == ("0", "0", "1")
 
 
@@ -212,6 +235,41 @@ def test_page_says_when_data_stops(page, tmp_path):
     assert re.search(r'<body[^>]*class="[^"]*\bis-lost\b', markup)
     assert "hidden" not in dom.by_id["lost"]["attrs"] and "out of date" in dom.text("lost")
     assert dom.text("conn").startswith("no data since")
+
+
+def test_image_of_another_inspection_is_marked_stale(page, tmp_path, textures):
+    """The overlay output drew #1040 (an OK part, rate-limited since): beside the NG verdict of #1059 it must
+    not pass for that part's image."""
+    earlier = page.line1[40]
+    assert earlier.verdict == "ok"
+    page.context.latest = LatestImages()
+    page.context.latest.put("line1", overlay_of(earlier, textures))
+    dom = Elements(chromium(page.url + "/camera/line1", tmp_path, "--dump-dom"))
+    assert dom.text("verdict-text") == "NG" and "#1059" in dom.text("verdict-meta")
+    assert dom.attr("overlay", "src").endswith(f"latest.png?id={earlier.id}")
+    assert "stale" in dom.attr("view", "class").split()
+    assert dom.text("imgcaption") == "image of #1040 (OK), 19 s before this verdict"
+
+
+def test_alarm_banner_and_camera_list(page, tmp_path):
+    detail = "/var/lib/anomaly-appliance (audit, overlays): 12 MiB free of 30 MiB"
+    page.context.status.value = status_snapshot(alarms=[{"kind": "disk_low", "detail": detail,
+                                                         "since": time.time() - 60}])
+    dom = Elements(chromium(page.url + "/camera/line1", tmp_path, "--dump-dom"))
+    assert "hidden" not in dom.by_id["alarms"]["attrs"] and dom.text("alarms") == f"DISK LOW {detail}"
+
+    shot = tmp_path / "index.png"
+    # Less virtual time than the list's 5 s reload: a reload inside the budget would keep Chromium loading.
+    chromium(page.url + "/", tmp_path, f"--screenshot={shot}", "--window-size=1024,600", budget_ms=2000)
+    image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    red = np.all(np.abs(image - (0xE0, 0x32, 0x3A)) <= 12, axis=-1)
+    banner_rows = np.flatnonzero(red.mean(axis=1) > 0.9)  # full-width rows of the alarm banner's red
+    assert banner_rows.size >= 15 and banner_rows[0] < 120
+    # line1's card shows its thumbnail, loaded for real: somewhere below the banner is the gravel's texture.
+    below = image[banner_rows[-1] + 1:].mean(axis=-1)
+    windows = [below[y:y + 80, x:x + 80].std() for y in range(0, below.shape[0] - 80, 40)
+               for x in range(0, below.shape[1] - 80, 40)]
+    assert max(windows) > 30
 
 
 def test_screenshot_at_hmi_size(page, tmp_path):

@@ -7,6 +7,11 @@ The real daemon is driven in test_plc_e2e.py.
 
 from __future__ import annotations
 
+import json
+import logging
+import random
+import socket
+import struct
 import threading
 import time
 import zlib
@@ -15,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plc import EN, Plant, S, control, inputs, inspection, score_of, wait_bits
+from plc import EN, Plant, S, control, exchange, inputs, inspection, mbap, score_of, trigger_once, wait_bits
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from appliance.daemon import modbus_map as mm
-from appliance.daemon.publishers.modbus import ModbusConfig, ModbusPublisher
+from appliance.daemon.modbus_server import FUNCTION_CODES
+from appliance.daemon.publishers.modbus import TRIGGER_IDS_FILE, ModbusConfig, ModbusPublisher
 from appliance.errors import ConfigError, PublishError
 
 
@@ -215,8 +221,10 @@ def test_ready_follows_health_and_close(plant: Plant, output: ModbusPublisher, p
     wait_bits(plc, off=S.READY, unit=1)
     beat = inputs(plc)[mm.IR_HEARTBEAT]
     plc.write_register(mm.HR_PLC_HEARTBEAT, 1, device_id=1)
-    time.sleep(1.3)
-    assert inputs(plc)[mm.IR_HEARTBEAT] != beat
+    deadline = time.monotonic() + 5.0  # the appliance's heartbeat ticks every heartbeat_s (1 s)
+    while inputs(plc)[mm.IR_HEARTBEAT] == beat:
+        assert time.monotonic() < deadline, "the appliance heartbeat did not change"
+        time.sleep(0.05)
     assert output.state()["cameras"]["cam1"]["plc_heartbeat_age_s"] is not None
     assert output.state()["cameras"]["cam2"]["plc_heartbeat_stale"]
     output.close()
@@ -256,3 +264,140 @@ def test_doctor_check_sees_a_taken_port_and_our_server(tmp_path: Path, output: M
     assert status == "ok" and "answers" in detail
     status, detail = ModbusPublisher.check(ModbusConfig(cameras={"cam1": 1}, port=0, allow=["0.0.0.0/0"]), tmp_path)
     assert status == "warn" and "any client" in detail
+
+
+@pytest.fixture
+def raw(output: ModbusPublisher) -> Iterator[socket.socket]:
+    sock = socket.create_connection(("127.0.0.1", output.port), timeout=3)
+    yield sock
+    sock.close()
+
+
+def exception_answer(tid: int, unit: int, function_code: int, code: int) -> bytes:
+    return mbap(tid, bytes([function_code | 0x80, code]), unit=unit)
+
+
+def test_every_undocumented_function_code_answers_exception_1(output: ModbusPublisher, raw: socket.socket,
+                                                              plc: ModbusTcpClient,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Each code 1..127 but 3, 4, 6, 16, 23, with any body and unit: ``fc | 0x80``, exception 1, nothing logged."""
+    caplog.set_level(logging.WARNING, logger="pymodbus")
+    rng = random.Random(7)
+    refused = [fc for fc in range(1, 128) if fc not in FUNCTION_CODES]
+    tid = 0
+    for fc in refused:
+        for unit, body in ((1, b""), (2, b"\x00\x00\x00\x01"), (9, rng.randbytes(20)), (0, rng.randbytes(3))):
+            tid += 1
+            assert exchange(raw, mbap(tid, bytes([fc]) + body, unit=unit)) == exception_answer(tid, unit, fc, 1), fc
+    assert exchange(raw, mbap(4242, b"\x41\x00\x01")) == bytes.fromhex("109200000003" "01" "c1" "01")
+    state = output.state()
+    assert len(refused) == 122 and state["refused_function_codes"] == tid + 1
+    assert state["requests"] == 0 and state["malformed_frames"] == 0
+    assert inputs(plc)[0] & S.READY  # the same server still serves a PLC
+    assert not [r for r in caplog.records if r.name.startswith("pymodbus")]
+
+
+@pytest.mark.parametrize("sub", [0x0000, 0x0004, 0x1234, 0xFFFF], ids=["echo", "listen-only", "bogus", "ffff"])
+def test_diagnostics_are_refused_and_reads_go_on(raw: socket.socket, output: ModbusPublisher, sub: int,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """FC 8 neither echoes nor goes listen-only: exception 1, and FC 3 is answered on the same connection."""
+    caplog.set_level(logging.WARNING, logger="pymodbus")
+    pdu = struct.pack(">BHH", 8, sub, 0xA55A)
+    assert exchange(raw, mbap(77, pdu, unit=1)) == exception_answer(77, 1, 8, 1)
+    assert exchange(raw, mbap(78, pdu, unit=1)) == exception_answer(78, 1, 8, 1)  # not listen-only now
+    answer = exchange(raw, mbap(79, struct.pack(">BHH", 3, mm.MIRROR, 2), unit=1))
+    assert answer[:9] == mbap(79, b"\x03\x04\x00\x00\x00\x00", unit=1)[:9] and len(answer) == 13
+    assert output.state()["refused_function_codes"] == 2
+    assert not [r for r in caplog.records if r.name.startswith("pymodbus")]  # no traceback, no line per frame
+
+
+@pytest.mark.parametrize("pdu", [
+    struct.pack(">BHH", 3, 0, 0),  # count 0
+    struct.pack(">BHH", 4, 0, 126),  # count above Modbus' 125
+    b"\x03\x00",  # fields missing
+    b"\x06\x00\x00\x01",
+    b"\x10\x00",
+    struct.pack(">BHHHHB", 23, 0, 1, 0, 0, 0),  # write count 0
+], ids=["fc3-count-0", "fc4-count-126", "fc3-short", "fc6-short", "fc16-short", "fc23-write-0"])
+def test_documented_codes_with_bad_fields_answer_exception_3(raw: socket.socket, output: ModbusPublisher,
+                                                             pdu: bytes) -> None:
+    assert exchange(raw, mbap(5, pdu, unit=2)) == exception_answer(5, 2, pdu[0], 3)
+    assert output.state()["malformed_frames"] == 1
+    answer = exchange(raw, mbap(6, struct.pack(">BHH", 4, 0, 1), unit=2))
+    assert answer[7:9] == b"\x04\x02"
+
+
+def test_trigger_ids_continue_across_restarts(tmp_path: Path, plant: Plant) -> None:
+    """The last TriggerID per camera is kept in the state folder; the next run continues after it."""
+    for run, want in enumerate(([1, 2, 3], [4, 5]), start=1):
+        out = start_output(tmp_path, plant)
+        client = ModbusTcpClient("127.0.0.1", port=out.port, timeout=3, retries=0)
+        try:
+            assert client.connect()
+            wait_bits(client, on=S.READY)
+            assert [trigger_once(client) for _ in want] == want, f"run {run}"
+            assert trigger_once(client, unit=2) == run  # each camera counts on its own
+        finally:
+            client.close()
+            out.close()
+    assert json.loads((tmp_path / TRIGGER_IDS_FILE).read_text()) == {"cam1": 5, "cam2": 2}
+    assert [t for t in plant.triggers if t[0] == "cam1"] == [("cam1", str(n)) for n in range(1, 6)]
+
+
+def test_trigger_ids_wrap_and_an_unreadable_file_starts_again(tmp_path: Path, plant: Plant,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / TRIGGER_IDS_FILE).write_text(json.dumps({"cam1": 65535, "gone": 9}))
+    out = start_output(tmp_path, plant)
+    client = ModbusTcpClient("127.0.0.1", port=out.port, timeout=3, retries=0)
+    try:
+        assert client.connect()
+        wait_bits(client, on=S.READY)
+        assert [trigger_once(client) for _ in range(2)] == [0, 1]  # wraps 65535 -> 0, as documented
+    finally:
+        client.close()
+        out.close()
+    assert json.loads((tmp_path / TRIGGER_IDS_FILE).read_text()) == {"cam1": 1, "gone": 9}
+    (tmp_path / TRIGGER_IDS_FILE).write_text("{not json")
+    out = start_output(tmp_path, plant)
+    try:
+        assert out.maps[1].next_trigger_id == 0 and "unreadable" in caplog.text
+    finally:
+        out.close()
+
+
+def test_a_trigger_id_file_that_cannot_be_written_does_not_stop_triggering(
+        tmp_path: Path, plant: Plant, caplog: pytest.LogCaptureFixture) -> None:
+    out = start_output(tmp_path / "no-such-folder", plant)
+    client = ModbusTcpClient("127.0.0.1", port=out.port, timeout=3, retries=0)
+    try:
+        assert client.connect()
+        wait_bits(client, on=S.READY)
+        with caplog.at_level(logging.WARNING, logger="appliance.daemon.publishers.modbus"):
+            assert [trigger_once(client) for _ in range(3)] == [1, 2, 3]
+        assert plant.triggers == [("cam1", "1"), ("cam1", "2"), ("cam1", "3")]
+        assert out.state()["trigger_id_write_errors"] == 3
+        assert len([r for r in caplog.records if "cannot keep the last TriggerID" in r.message]) == 1  # rate-limited
+    finally:
+        client.close()
+        out.close()
+
+
+def test_disk_low_alarm_holds_error_8_until_the_disk_recovers(plant: Plant, output: ModbusPublisher,
+                                                              plc: ModbusTcpClient) -> None:
+    """A daemon alarm: Error with code 8 on every unit; ClearError does not clear it; results still flow."""
+    wait_bits(plc, on=S.READY)
+    plant.alarms = [{"kind": "disk_low", "detail": "/var/lib: 80 MB free, floor 200 MB", "since": time.time()}]
+    for unit in (1, 2):
+        regs = wait_bits(plc, on=S.ERROR | S.READY, unit=unit)
+        assert (regs[mm.IR_ERROR_CODE], regs[mm.IR_ERROR_CAUSE]) == (mm.ErrorCode.DISK_LOW, 0)
+    control(plc, mm.CLEAR_ERROR)
+    regs = inputs(plc)
+    assert regs[0] & S.ERROR and regs[mm.IR_ERROR_CODE] == mm.ErrorCode.DISK_LOW
+    control(plc, 0)
+    output.publish(inspection(trigger_id="3", verdict="ng", score=0.9))
+    regs = wait_bits(plc, on=S.RESULT_VALID | S.ERROR)
+    assert regs[mm.IR_RESULT_ID] == 3 and regs[mm.IR_VERDICT] == 2
+    plant.alarms = []
+    for unit in (1, 2):
+        regs = wait_bits(plc, off=S.ERROR, unit=unit)
+        assert regs[mm.IR_ERROR_CODE] == 0

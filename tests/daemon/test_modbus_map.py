@@ -118,3 +118,40 @@ def test_result_ids_follow_the_trigger_id_else_the_frame_counter() -> None:
     assert mm.result_id_for("65537", 5) == 1
     assert mm.result_id_for("ctl-7", 70000) == 70000 - 65536
     assert mm.result_id_for(None, 3) == 3
+
+
+def test_trigger_ids_go_on_from_the_last_one_and_wrap() -> None:
+    cam = ready_map()
+    cam.next_trigger_id = 65534  # what the output restores from the last run
+    ids = []
+    for _ in range(3):
+        ids += [a.trigger_id for a in cam.write(6, mm.HR_CONTROL, [mm.TRIGGER_ENABLE | mm.TRIGGER])]
+        cam.write(6, mm.HR_CONTROL, [mm.TRIGGER_ENABLE])
+    assert ids == [65535, 0, 1]
+
+
+def test_disk_low_is_an_alarm_clear_error_does_not_clear() -> None:
+    cam = ready_map()
+    cam.set_alarm(mm.ErrorCode.DISK_LOW)
+    assert bit(cam, Status.ERROR) and cam.inputs[mm.IR_ERROR_CODE] == mm.ErrorCode.DISK_LOW
+    cam.write(6, mm.HR_CONTROL, [mm.CLEAR_ERROR])
+    assert bit(cam, Status.ERROR) and cam.inputs[mm.IR_ERROR_CODE] == mm.ErrorCode.DISK_LOW
+    assert cam.add_result(result(3)) and bit(cam, Status.RESULT_VALID) and bit(cam, Status.READY)  # results flow
+    cam.set_alarm(None)
+    assert not bit(cam, Status.ERROR) and cam.inputs[mm.IR_ERROR_CODE] == 0
+
+
+def test_an_inspection_error_during_the_alarm_stays_latched_after_it() -> None:
+    cam = ready_map()
+    cam.set_alarm(mm.ErrorCode.DISK_LOW)
+    cam.add_result(Result(4, Verdict.ERROR, None, None, None, "4"))
+    cam.set_alarm(None)
+    assert bit(cam, Status.ERROR) and cam.inputs[mm.IR_ERROR_CODE] == mm.ErrorCode.INSPECTION_ERROR
+    cam.write(6, mm.HR_CONTROL, [mm.CLEAR_ERROR])
+    assert not bit(cam, Status.ERROR)
+
+
+def test_only_the_documented_function_codes_reach_the_registers() -> None:
+    cam = ready_map()
+    assert cam.read(22, 0, 1) == Exc.ILLEGAL_FUNCTION and cam.read(1, 0, 1) == Exc.ILLEGAL_FUNCTION
+    assert cam.write(22, 0, [1]) == Exc.ILLEGAL_FUNCTION

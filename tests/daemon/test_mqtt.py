@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mqtt_broker import Subscriber, needs_mosquitto, running_broker, wait_until
 from prometheus_client import CollectorRegistry
+from snapshots import snapshot
 
 from appliance.daemon.audit import Recorder
 from appliance.daemon.config import parse_config
@@ -55,6 +56,7 @@ class Harness:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._loop_thread.start()
         self.requests: list[dict[str, Any]] = []
+        self.alarms: list[dict[str, Any]] = []
         self.config = MqttConfig(port=port, client_id="test-appliance", prefix="plant/line", reconnect_max_s=1,
                                  status_interval=1.0, **config)
         self.context = OutputContext(state_dir=root, status=self.status, registry=CollectorRegistry(),
@@ -62,11 +64,12 @@ class Harness:
         self.publisher = MqttPublisher(self.config, self.context)
         self.sent: list[Inspection] = []
 
-    def status(self) -> dict[str, Any]:
-        return {"cameras": {c: {"state": "running", "fps": 2.0, "frames": 3, "last": None} for c in CAMERAS}}
+    def status(self) -> Any:
+        return snapshot({c: {"fps": 2.0, "frames": 3} for c in CAMERAS}, alarms=self.alarms)
 
-    async def control(self, request: dict[str, Any]) -> Any:
-        """Stands where the daemon's control handler is: records the request, refuses an unknown shift."""
+    async def control(self, command: Any) -> Any:
+        """Stands where the daemon's dispatcher is: records the command's fields, refuses an unknown shift."""
+        request = {"cmd": command.cmd, **command.model_dump(exclude_unset=True)}
         self.requests.append(request)
         if request.get("shift") not in (None, "A"):
             raise ConfigError(f"no shift {request['shift']!r}")
@@ -78,7 +81,8 @@ class Harness:
         for i in range(start, start + n):
             rec = inspection(CAMERAS[i % 2], seq=i, verdict=("ok", "ng", "error")[i % 3])
             self.recorder.record(rec, ["mqtt"], outbox={"mqtt": self.publisher.payload(rec)},
-                                 then=lambda r=rec: self.publisher.publish(r))
+                                 then=lambda committed, r=rec: self.publisher.publish(r) if committed
+                                 else self.publisher.publish_uncommitted(r))
             made.append(rec)
         self.recorder.flush()
         self.sent += made
@@ -257,6 +261,28 @@ def test_broker_down_at_start_and_mid_run_nothing_lost_and_order_kept(persistent
     sub.close()
 
 
+def test_results_the_audit_cannot_write_are_sent_from_memory_once(broker, harness_at):
+    """A full disk: the outbox cannot take the results, the PLC still gets each of them exactly once."""
+    sub = Subscriber(broker.port, ["plant/line/+/result"])
+    h = harness_at(broker.port)
+    h.publisher.start()
+    h.emit(5)
+    sub.wait_for(lambda ms: len(ms) >= 5, 20, "5 results from the outbox")
+    h.recorder.on_writer(lambda db: db.execute("PRAGMA query_only = 1"))  # every write fails, as on a full disk
+    during = h.emit(6, start=5)
+    sub.wait_for(lambda ms: len(ms) >= 11, 20, "6 results from memory")
+    assert h.recorder.state()["state"] == "error"
+    h.recorder.on_writer(lambda db: db.execute("PRAGMA query_only = 0"))  # space is back
+    h.recorder.nudge()
+    h.emit(2, start=11)  # the next write drains the backlog first
+    wait_until(lambda: h.publisher.state()["backlog"] == 0 and len(h.rows()) == 13, 20, "the backlog written")
+    wait_until(lambda: {r["status"] for r in h.rows()} == {"sent"}, 20, "every row marked sent")
+    assert result_ids(sub) == [r.id for r in h.sent]  # each once, in order: none sent twice after the rows came
+    from_memory = [r for r in h.rows() if r["detail"] == "sent from memory while the audit log could not write"]
+    assert [r["inspection_id"] for r in from_memory] == [r.id for r in during]
+    sub.close()
+
+
 def test_a_full_outbox_drops_the_oldest_unsent_results_counted_and_audited(broker, harness_at):
     port = free_port()  # no broker there yet
     h = harness_at(port, max_pending=5)
@@ -293,9 +319,8 @@ def command(sub: Subscriber, client: Any, topic: str, payload: bytes | str, n_be
 def commander(broker, harness_at):
     h = harness_at(broker.port, command_token="tok", allow=("trigger", "threshold"))
     h.publisher.start()
-    wait_until(lambda: h.publisher.state()["connected"], 10, "connected")
-    sub = Subscriber(broker.port, ["plant/line/+/cmd/response"])
-    time.sleep(0.3)  # let the publisher's own subscription settle
+    wait_until(lambda: h.publisher.state()["commands_subscribed"], 10, "the command subscription")
+    sub = Subscriber(broker.port, ["plant/line/+/cmd/response"])  # returns once its own SUBACK is in
     yield h, sub, sub.client
     sub.close()
 
@@ -385,6 +410,21 @@ def test_fuzzed_commands_never_break_the_publisher(commander, command):
     assert reply["ok"] is (reply.get("error") is None)
     event("ran" if reply["ok"] else "refused")
     assert h.publisher.state()["connected"]
+
+
+def test_hostile_payloads_get_a_reply_and_a_counted_refusal(commander):
+    h, sub, client = commander
+    hostile = [b"[" * 5000 + b"]" * 5000, b'{"value": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+               json.dumps({"id": "big", "token": "tok", "value": 0.5, "who": "1" * 1_000_000}).encode(),
+               b"1" * 1_000_000]
+    for i, payload in enumerate(hostile):
+        reply = command(sub, client, "plant/line/cam1/cmd/threshold", payload, i)
+        assert reply["ok"] is False and len(json.dumps(reply)) < 2000, reply
+    assert h.publisher.state()["commands_refused"] == len(hostile) and h.requests == []
+    reply = command(sub, client, "plant/line/cam1/cmd/threshold",
+                    json.dumps({"id": "z", "token": "tok", "value": -0.0}), len(hostile))
+    assert reply["ok"] and h.requests == [{"cmd": "threshold", "camera": "cam1", "value": 0.0, "who": "mqtt"}]
+    assert str(h.requests[0]["value"]) == "0.0"  # one zero: never "-0.0" in a display or the audit
 
 
 def test_after_fuzzing_a_good_command_still_runs(commander):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import traceback
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,11 +18,19 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from appliance import overlay as overlay_module
+from appliance.daemon.disk import DiskConfig, DiskGuard
+from appliance.daemon.latest import LatestImages
 from appliance.daemon.publishers import PUBLISHERS, OutputContext, create_publisher
 from appliance.daemon.publishers.overlay import PAD_RGB, OverlayConfig, OverlayPublisher, planned_path
 from appliance.daemon.records import Inspection, LazyMap
 from appliance.errors import PublishError
-from appliance.overlay import BANNER_RGB, CONTOUR_RGB, OTHER_VERDICT_RGB, read_overlay_metadata
+from appliance.overlay import (
+    BANNER_RGB,
+    CONTOUR_RGB,
+    OTHER_VERDICT_RGB,
+    png_overlay_metadata,
+    read_overlay_metadata,
+)
 
 DAY1 = datetime(2025, 6, 15, 23, 59, 30, tzinfo=UTC).timestamp()  # just before midnight UTC
 DAY2 = datetime(2025, 6, 16, 8, 0, 0, tzinfo=UTC).timestamp()
@@ -167,6 +177,7 @@ def test_only_ng_skips_ok_files_but_updates_latest(tmp_path):
     sent = out.publish(ng)
     skipped = out.publish(ok)
     assert skipped.status == "skipped" and skipped.detail is None
+    assert out.drawer.wait_idle()  # latest-only images are drawn on the output's drawer thread
     assert overlay_files(tmp_path) == [Path(sent.detail)]
     assert read_overlay_metadata(tmp_path / "overlays" / "cam-1" / "latest.png")["inspection_id"] == ok.id
 
@@ -350,3 +361,140 @@ def test_ok_overlays_are_rate_limited_but_ng_and_errors_never(tmp_path):
     drawn_ok = [t for (t, v), path in planned.items() if v == "ok" and path is not None]
     assert drawn_ok == [0.0, 0.5]  # at most one OK per 1/2 s, counted from the last one drawn
     assert planned[(0.2, "ng")] is not None and planned[(0.3, "error")] is not None
+
+
+# --------------------------------------------------------------------------- the latest image and the disk floor
+
+
+class Statvfs:
+    """``os.statvfs`` of a file system whose free space the test sets (MiB); the rest is the real call's."""
+
+    def __init__(self, free_mb: float) -> None:
+        self.free_mb = free_mb
+
+    def __call__(self, path: str) -> os.statvfs_result:
+        real = os.statvfs(path)
+        blocks = int(self.free_mb * 2**20 / real.f_frsize)
+        return os.statvfs_result((real.f_bsize, real.f_frsize, max(real.f_blocks, blocks), blocks, blocks,
+                                  real.f_files, real.f_ffree, real.f_favail, real.f_flag, real.f_namemax))
+
+
+def live_publisher(tmp_path, statvfs=None, **options):
+    """An overlay output as the daemon builds it: a shared latest-image store and, if given, a disk guard."""
+    disk = None
+    if statvfs is not None:
+        disk = DiskGuard(DiskConfig(min_free_mb=64, clear_margin_mb=8), [("overlays", tmp_path / "overlays")],
+                         statvfs=statvfs)
+    context = OutputContext(state_dir=tmp_path, status=dict, registry=CollectorRegistry(), disk=disk,
+                            latest=LatestImages())
+    out = create_publisher(OverlayConfig(**{"width": 320, "height": 200, **options}), context)
+    out.start()
+    return out
+
+
+def test_each_drawn_image_is_the_latest_image_encoded_once(tmp_path):
+    out = live_publisher(tmp_path)
+    rec = record("ng")
+    delivery = out.publish(rec)
+    shown = out.context.latest.get("cam-1")
+    file = Path(delivery.detail)
+    assert (shown.inspection_id, shown.seq, shown.verdict, shown.captured_at) == (rec.id, rec.seq, "ng", DAY1)
+    assert shown.data == file.read_bytes()  # the same bytes: encoded once
+    assert read_overlay_metadata(file)["inspection_id"] == rec.id
+    latest = tmp_path / "overlays" / "cam-1" / "latest.png"
+    assert latest.stat().st_ino == file.stat().st_ino  # a hard link: latest.png costs no second write
+
+
+def test_disk_below_its_floor_drops_the_file_but_the_panel_shows_the_part(tmp_path):
+    statvfs = Statvfs(free_mb=10_000)
+    out = live_publisher(tmp_path, statvfs=statvfs)
+    kept = Path(out.publish(record("ng")).detail)
+    latest = tmp_path / "overlays" / "cam-1" / "latest.png"
+    before = latest.read_bytes()
+
+    statvfs.free_mb = 20  # below the 64 MiB floor
+    out.context.disk.check()
+    rec = record("ng")
+    planned = out.plan(rec.id, rec.camera, rec.captured_at, rec.verdict)
+    delivery = out.publish(replace(rec, overlay_path=str(planned)))
+    assert delivery.status == "dropped" and delivery.detail.startswith("disk below its floor (")
+    assert not planned.exists() and overlay_files(tmp_path) == [kept]  # nothing written: the audit clears the path
+    assert latest.read_bytes() == before  # latest.png is a file too
+    assert out.drawer.wait_idle()
+    shown = out.context.latest.get("cam-1")
+    assert shown.inspection_id == rec.id and png_overlay_metadata(shown.data)["inspection_id"] == rec.id
+
+    ok = record("ok", captured_at=DAY1 + 5)
+    assert out.publish(ok).status == "dropped"
+    assert out.drawer.wait_idle() and out.context.latest.get("cam-1").inspection_id == ok.id
+
+    statvfs.free_mb = 10_000  # space again: files and latest.png are written again
+    out.context.disk.check()
+    again = record("ng", captured_at=DAY1 + 6)
+    delivery = out.publish(again)
+    assert delivery.status == "sent" and Path(delivery.detail).is_file()
+    assert read_overlay_metadata(latest)["inspection_id"] == again.id
+
+
+def test_every_way_without_the_planned_file_says_so(tmp_path):
+    """sent means the file is there; skipped only when none was planned; else dropped or PublishError."""
+    statvfs = Statvfs(free_mb=10_000)
+    out = live_publisher(tmp_path, statvfs=statvfs, only_ng=True)
+    outcomes = []
+    for verdict, free in (("ng", 10_000), ("ok", 10_000), ("error", 10_000), ("ng", 5), ("error", 5), ("ok", 5)):
+        statvfs.free_mb = free
+        out.context.disk.check()
+        rec = record(verdict, error="no frame" if verdict == "error" else None)
+        planned = out.plan(rec.id, rec.camera, rec.captured_at, rec.verdict)
+        rec = replace(rec, overlay_path=None if planned is None else str(planned))
+        delivery = out.publish(rec)
+        outcomes.append((verdict, free, delivery.status))
+        if delivery.status == "sent":
+            assert Path(delivery.detail) == planned and planned.is_file()
+        elif delivery.status == "skipped":
+            assert planned is None
+        else:
+            assert delivery.status == "dropped" and planned is not None and not planned.exists()
+    assert outcomes == [("ng", 10_000, "sent"), ("ok", 10_000, "skipped"), ("error", 10_000, "sent"),
+                        ("ng", 5, "dropped"), ("error", 5, "dropped"), ("ok", 5, "skipped")]
+
+
+def test_a_burst_of_latest_only_oks_draws_only_the_newest(tmp_path):
+    out = live_publisher(tmp_path, only_ng=True)
+    started, release = threading.Event(), threading.Event()
+    computed: list[int] = []
+
+    def slow_map(seq: int, m: np.ndarray):
+        def compute() -> np.ndarray:
+            computed.append(seq)
+            if seq == 0:
+                started.set()
+                assert release.wait(10)  # the drawer is busy with this one while the burst arrives
+            return m
+        return compute
+
+    burst = []
+    for i in range(5):
+        rec = record("ok", captured_at=DAY1 + i)
+        m = rec.anomaly_map()
+        burst.append(replace(rec, anomaly_map=LazyMap(slow_map(i, m))))
+    assert out.publish(burst[0]).status == "skipped"  # no file planned: returns at once
+    assert started.wait(10)
+    assert [out.publish(r).status for r in burst[1:]] == ["skipped"] * 4
+    release.set()
+    assert out.drawer.wait_idle()
+    assert computed == [0, 4]  # the first was being drawn; of the rest only the newest
+    assert out.context.latest.get("cam-1").inspection_id == burst[-1].id
+    assert read_overlay_metadata(tmp_path / "overlays" / "cam-1" / "latest.png")["inspection_id"] == burst[-1].id
+    assert out.state()["latest"] == {"drawn": 2, "superseded": 3, "last_error": None}
+
+
+def test_the_latest_image_never_goes_back_to_an_older_part(tmp_path):
+    out = live_publisher(tmp_path, only_ng=True)
+    newer = record("ng", captured_at=DAY1 + 10)
+    older = record("ok", captured_at=DAY1 + 5)  # delivered late (the OK went through the drawer)
+    out.publish(newer)
+    out.publish(older)
+    assert out.drawer.wait_idle()
+    assert out.context.latest.get("cam-1").inspection_id == newer.id
+    assert read_overlay_metadata(tmp_path / "overlays" / "cam-1" / "latest.png")["inspection_id"] == newer.id

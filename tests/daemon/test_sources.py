@@ -127,7 +127,27 @@ def test_unreadable_files_are_error_items_and_the_stream_goes_on(tmp_path):
     assert rgb_of(items[4]) == (6, 5, 4)
 
 
-def test_replay_folder_missing_empty_or_vanished_is_a_source_error(tmp_path):
+
+def test_replay_refuses_a_file_above_the_pixel_limit_as_an_error_item(tmp_path):
+    write_png(tmp_path / "a.png", (1, 2, 3))  # 16x12 = 192 pixels
+    source = ReplaySource(ReplayConfig(type="replay", path=tmp_path, fps=1000), "cam")
+    source.max_pixels = 191
+    source.open()
+    item = read_until(source)
+    assert item.frame is None and item.source == str(tmp_path / "a.png")
+    assert item.error == (f"{tmp_path / 'a.png'}: is 16x12 pixels (0.0 MP), above this camera's limit of 0.0 MP "
+                          "(refused before decoding; check the camera's resolution, or that the file is the frame "
+                          "it should be)")
+
+
+def test_hot_folder_sends_a_file_above_the_pixel_limit_to_failed(tmp_path):
+    write_png(tmp_path / "big.png")
+    source = hot(tmp_path)
+    source.max_pixels = 100
+    item = read_until(source)
+    assert item.frame is None and "above this camera's limit" in item.error
+    item.done(True)  # not retried after a restart: it is out of the inbox
+    assert [p.name for p in (tmp_path / "failed").iterdir()] == ["big.png"] and not (tmp_path / "big.png").exists()
     with pytest.raises(SourceError, match="does not exist"):
         ReplaySource(ReplayConfig(type="replay", path=tmp_path / "nope"), "cam").open()
     with pytest.raises(SourceError, match="no image files"):

@@ -36,7 +36,8 @@ class Delivery:
     """What an output did with one record: recorded in the audit log beside the inspection.
 
     Attributes:
-        status: ``sent`` (delivered), ``skipped`` (by the output's own policy, e.g. NG-only overlays).
+        status: ``sent`` (delivered), ``skipped`` (by the output's own policy, e.g. NG-only overlays),
+            ``dropped`` (not delivered by a rule that protects the device, e.g. a disk below its floor).
         detail: where it went (a path, a topic), for the audit log.
         at: when, seconds since the epoch (``None``: when ``publish`` returned).
 
@@ -53,26 +54,31 @@ class OutputContext:
 
     Attributes:
         state_dir: the daemon's state folder (``/var/lib/anomaly-appliance`` on a device).
-        status: the daemon's status snapshot (as ``appliance status --json`` prints it).
+        status: the daemon's status snapshot, a ``appliance.daemon.status.Status``.
         registry: the Prometheus registry the daemon exports on ``/metrics``.
         loop: the daemon's asyncio loop, for outputs that are network servers.
         trigger: ``trigger(camera, trigger_id)`` asks the camera's pipeline for one frame.
-        control: ``await control(request)`` runs a control-socket request (``{"cmd": "threshold", ...}``,
-            ``reload``, ``trigger``, ``status``) and returns its result or raises ``ApplianceError``;
-            call it on ``loop``.
+        control: ``await control(command)`` runs a typed command (``appliance.daemon.commands``:
+            ``ThresholdCommand``, ``EnableCommand``, ...) through the daemon's one dispatcher and
+            returns its result or raises ``ApplianceError``; call it on ``loop``.
         outbox: the audit database's durable outbox, for ``durable`` outputs: ``outbox.pending(output,
             limit)`` lists undelivered rows oldest first (``id``, ``inspection_id``, ``payload``, ...),
             ``outbox.delivered(inspection_id, output, status, detail, at)`` records how one ended.
+        disk: the free-space floor (``disk.allows(path)``): outputs that write files ask it first.
+        latest: each camera's newest overlay image in memory (``latest.LatestImages``): the overlay
+            output writes it, the HTTP output serves it.
 
     """
 
     state_dir: Path
-    status: Callable[[], dict[str, Any]]
+    status: Callable[[], Any]
     registry: CollectorRegistry
     loop: asyncio.AbstractEventLoop | None = None
     trigger: Callable[[str, str | None], bool] | None = None
-    control: Callable[[dict[str, Any]], Awaitable[Any]] | None = None
+    control: Callable[[Any], Awaitable[Any]] | None = None
     outbox: Any = None
+    disk: Any = None
+    latest: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +108,13 @@ class Publisher(ABC):
     @abstractmethod
     def publish(self, inspection: Inspection) -> Delivery:
         """Deliver one record (on this output's worker thread); raise ``PublishError`` on failure."""
+
+    def publish_uncommitted(self, inspection: Inspection) -> None:  # noqa: B027 - optional hook
+        """Durable outputs: a record whose audit row could not be written yet (a full disk).
+
+        Its outbox row appears once the audit log can write again. An output that must reach the
+        PLC meanwhile sends it from memory now and skips the row later (MQTT); the default waits.
+        """
 
     def payload(self, inspection: Inspection) -> str:
         """Durable outputs: what to deliver for this record (stored in the outbox before anything is sent)."""

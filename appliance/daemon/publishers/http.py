@@ -7,7 +7,10 @@ change the daemon, so the only risk of exposing it is disclosure, and it binds t
 unless configured otherwise.
 
 Routes: ``/`` (cameras), ``/camera/{id}`` (live page), ``/api/status``,
-``/api/cameras/{id}/recent?n=``, ``/api/cameras/{id}/latest.png``, ``/metrics``, ``/healthz``.
+``/api/cameras/{id}/recent?n=`` (results, counts, readiness and which inspection the latest image
+shows), ``/api/cameras/{id}/latest.png?id=`` and ``/api/cameras/{id}/thumb.jpg?id=`` (the latest
+image, or that inspection's while still held), ``/metrics``, ``/healthz``. The latest image comes
+from the overlay output in memory (``context.latest``), else from ``<camera>/latest.png``.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 
-from ...errors import PublishError
+from ...errors import ImageError, PublishError
+from ..latest import LatestImage, read_latest_file, thumbnail
 from ..records import VERDICTS, Inspection
+from ..status import Status
 from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher, run_on_loop
+from .http_pages import Card, image_info, index_page, readiness
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,8 @@ class HttpConfig(PublisherConfig):
     history: int = Field(300, ge=1, le=100_000,
                          description="inspections kept per camera for the live page's trend and /recent")
     overlay_dir: Path | None = Field(None, description="folder holding <camera>/latest.png as the overlay output "
-                                                       "writes it; default <state_dir>/overlays")
+                                                       "writes it, read only while no overlay output in this "
+                                                       "daemon has drawn an image; default <state_dir>/overlays")
     timeout: float = Field(10.0, gt=0, description="seconds to wait for the server to start or stop")
 
 
@@ -71,6 +78,7 @@ def summarize(inspection: Inspection) -> dict[str, Any]:
     total = inspection.latency_ms.get("total")
     return {
         "id": inspection.id, "seq": inspection.seq, "time": _num(inspection.finished_at),
+        "captured_at": _num(inspection.captured_at),
         "verdict": inspection.verdict, "score": _num(inspection.score), "threshold": _num(inspection.threshold),
         "threshold_source": inspection.threshold_source, "raw_score": _num(inspection.raw_score),
         "trigger_id": inspection.trigger_id, "error": inspection.error, "latency_ms": _num(total),
@@ -99,6 +107,8 @@ class HttpPublisher(Publisher):
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._assets: dict[str, str] = {}
+        self._thumbs: dict[str, tuple[tuple[str | None, float], bytes]] = {}  # per camera: (image, JPEG)
+        self._files: dict[Path, tuple[tuple[int, int, int], LatestImage | None]] = {}  # latest.png read, by stat
 
     # ------------------------------------------------------------------ the output side
 
@@ -213,63 +223,53 @@ class HttpPublisher(Publisher):
         add("/api/status", self._api_status)
         add("/api/cameras/{camera}/recent", self._api_recent)
         add("/api/cameras/{camera}/latest.png", self._latest_png)
+        add("/api/cameras/{camera}/thumb.jpg", self._thumbnail)
         add("/metrics", self._metrics)
         add("/healthz", self._healthz)
         return app
 
-    def _status(self) -> dict[str, Any]:
-        """The daemon's snapshot; ``{}`` (logged) if the daemon cannot give one."""
+    def _snapshot(self) -> tuple[Status | None, str | None]:
+        """The daemon's typed snapshot, or ``None`` and why (logged) when the daemon cannot give one."""
         try:
-            status = self.context.status()
+            return self.context.status(), None
         except Exception as exc:
             log.warning("http output: the daemon's status failed: %s", exc)
-            return {}
-        return status if isinstance(status, dict) else {}
+            return None, f"the daemon's status is unavailable: {exc}"
 
-    def _cameras(self, status: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """Known cameras: the daemon's, then any only seen in records; each with its status (maybe ``{}``)."""
-        cams = status.get("cameras")
-        known = {str(k): (v if isinstance(v, dict) else {}) for k, v in cams.items()} if isinstance(cams, dict) else {}
+    def _cameras(self, status: Status | None) -> list[str]:
+        """Known cameras: the daemon's, then any only seen in records."""
+        known = list(status.cameras) if status is not None else []
         with self._lock:
-            known.update({c: {} for c in self._recent if c not in known})
+            known += [c for c in self._recent if c not in known]
         return known
 
-    def _known_camera(self, request: web.Request, api: bool = True) -> str:
+    def _known_camera(self, request: web.Request, api: bool = True) -> tuple[str, Status | None]:
         """The request's camera id, checked against the known ones (404 otherwise: ids are not paths)."""
         camera = request.match_info["camera"]
-        known = self._cameras(self._status())
+        status, _ = self._snapshot()
+        known = self._cameras(status)
         if camera not in known:
             message = f"unknown camera {camera!r}; known: {', '.join(sorted(known)) or 'none'}"
             if api:
                 raise web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
             raise web.HTTPNotFound(text=message)
-        return camera
+        return camera, status
 
     async def _index(self, request: web.Request) -> web.Response:
-        rows = []
-        for cam, info in self._cameras(self._status()).items():
-            last = info.get("last")
-            verdict = last.get("verdict") if isinstance(last, dict) else None
-            if verdict is None:  # the daemon's snapshot may omit it; this output saw the records too
-                items = self.recent(cam, 1)["items"]
-                verdict = items[0]["verdict"] if items else None
-            tag = verdict if verdict in VERDICTS else "none"
-            rows.append(f'<li><a class="cam v-{tag}" href="camera/{html.escape(quote(cam, safe=""))}">'
-                        f'<span class="name">{html.escape(cam)}</span>'
-                        f'<span class="state">{html.escape(str(info.get("state", "unknown")))}</span>'
-                        f'<span class="last">{html.escape(verdict.upper()) if tag != "none" else "&#8212;"}</span>'
-                        '</a></li>')
-        body = "\n".join(rows) or '<li class="empty">No cameras configured.</li>'
-        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-                f'<meta http-equiv="refresh" content="5"><title>Cameras</title>'
-                f'<link rel="stylesheet" href="static/page.css"></head>'
-                f'<body class="index"><header class="bar"><h1>Cameras</h1></header>'
-                f'<ul class="cams">{body}</ul></body></html>')
+        status, problem = self._snapshot()
+        cards = []
+        for cam in self._cameras(status):
+            st = status.cameras.get(cam) if status is not None else None
+            own = self.recent(cam, 1)
+            last = st.last.model_dump() if st is not None and st.last is not None else (
+                own["items"][-1] if own["items"] else None)  # the daemon's newest, else the one this output saw
+            counts = dict(st.counts) if st is not None and st.counts else own["counts"]
+            cards.append(Card(cam, st, last, counts, await self._latest(cam)))
+        page = index_page(cards, status.daemon if status is not None else None, problem)
         return web.Response(text=page, content_type="text/html", headers=_NO_STORE)
 
     async def _camera_page(self, request: web.Request) -> web.Response:
-        camera = self._known_camera(request, api=False)
+        camera, _ = self._known_camera(request, api=False)
         page = string.Template(self._assets["page.html"]).substitute(
             camera=html.escape(camera), history=str(self.config.history))
         return web.Response(text=page, content_type="text/html", headers=_NO_STORE)
@@ -282,14 +282,13 @@ class HttpPublisher(Publisher):
                             headers={"Cache-Control": "no-cache"})
 
     async def _api_status(self, request: web.Request) -> web.Response:
-        try:
-            status = self.context.status()
-        except Exception as exc:
-            return _json({"error": f"the daemon's status is unavailable: {exc}"}, 503)
-        return _json(status)
+        status, problem = self._snapshot()
+        if status is None:
+            return _json({"error": problem}, 503)
+        return _json(status.to_json())
 
     async def _api_recent(self, request: web.Request) -> web.Response:
-        camera = self._known_camera(request)
+        camera, status = self._known_camera(request)
         try:
             n = int(request.query.get("n", "100"))
         except ValueError:
@@ -297,25 +296,67 @@ class HttpPublisher(Publisher):
         if n < 1:
             return _json({"error": "n must be a positive integer"}, 400)
         data = self.recent(camera, min(n, self.config.history))
-        png = self._latest_path(camera)
-        try:
-            mtime = png.stat().st_mtime if png is not None else None
-        except OSError:
-            mtime = None
-        data["latest_png"] = None if mtime is None else {
-            "url": f"/api/cameras/{quote(camera, safe='')}/latest.png", "mtime": mtime}
+        data["latest_image"] = image_info(await self._latest(camera), camera)
+        data["ready"] = readiness(status.cameras.get(camera), status.daemon) if status is not None else {
+            "ready": False, "why": ["the daemon's status is unavailable"]}
         return _json(data)
 
     async def _latest_png(self, request: web.Request) -> web.Response:
-        camera = self._known_camera(request)
+        camera, _ = self._known_camera(request)
+        wanted = request.query.get("id")
+        image = await self._latest(camera, wanted)
+        if image is None:
+            why = f"the image of inspection {wanted} is no longer held" if wanted else "no overlay yet"
+            raise web.HTTPNotFound(text=json.dumps({"error": f"camera {camera!r}: {why}"}),
+                                   content_type="application/json", headers=_NO_STORE)
+        return web.Response(body=image.data, content_type=image.content_type, headers=_image_headers(image))
+
+    async def _thumbnail(self, request: web.Request) -> web.Response:
+        camera, _ = self._known_camera(request)
+        image = await self._latest(camera, request.query.get("id"))
+        if image is None:
+            raise web.HTTPNotFound(text=json.dumps({"error": f"camera {camera!r}: no such image"}),
+                                   content_type="application/json", headers=_NO_STORE)
+        key = (image.inspection_id, image.drawn_at)
+        cached = self._thumbs.get(camera)
+        if cached is None or cached[0] != key:
+            try:
+                cached = self._thumbs[camera] = (key, await asyncio.to_thread(thumbnail, image))
+            except ImageError as exc:
+                raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json",
+                                       headers=_NO_STORE) from None
+        return web.Response(body=cached[1], content_type="image/jpeg", headers=_image_headers(image))
+
+    async def _latest(self, camera: str, inspection_id: str | None = None) -> LatestImage | None:
+        """The camera's latest image (or that inspection's, while held): the overlay output's, else the file's.
+
+        The in-memory image is the one to show; ``latest.png`` is read only when no overlay output
+        runs in this process (or has drawn nothing yet), e.g. a separate overlay writer.
+        """
+        store = self.context.latest
+        if store is not None and store.get(camera) is not None:
+            return store.get(camera, inspection_id)
         path = self._latest_path(camera)
+        if path is None:
+            return None
+        image = await asyncio.to_thread(self._read_file, path)
+        if image is None or (inspection_id is not None and image.inspection_id != inspection_id):
+            return None
+        return image
+
+    def _read_file(self, path: Path) -> LatestImage | None:
+        """``read_latest_file``, kept while the file is unchanged (the page asks every second)."""
         try:
-            data = None if path is None else await asyncio.to_thread(path.read_bytes)
+            st = path.stat()
         except OSError:
-            data = None
-        if data is None:
-            raise web.HTTPNotFound(text=f"no overlay of camera {camera!r} yet", headers=_NO_STORE)
-        return web.Response(body=data, content_type="image/png", headers=_NO_STORE)
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._files.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        image = read_latest_file(path)
+        self._files[path] = (key, image)
+        return image
 
     def _latest_path(self, camera: str) -> Path | None:
         """``<overlay_dir>/<camera>/latest.png``, or ``None`` if the id would lead outside that folder."""
@@ -328,13 +369,16 @@ class HttpPublisher(Publisher):
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST, **_NO_STORE})
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        """200 ``ok`` only when every camera makes progress and no alarm is raised (a full disk is an alarm)."""
         try:
-            daemon = self.context.status().get("daemon") or {}
+            daemon = self.context.status().daemon
         except Exception as exc:
             return _json({"status": "unhealthy", "reasons": [f"the daemon's status is unavailable: {exc}"]}, 503)
-        if daemon.get("healthy") is True:
+        alarms = [f"{a.kind}: {a.detail}" for a in daemon.alarms]
+        if daemon.healthy and not alarms:
             return _json({"status": "ok"})
-        return _json({"status": "unhealthy", "reasons": _reasons(daemon)}, 503)
+        state = "unhealthy" if not daemon.healthy else "alarm"
+        return _json({"status": state, "reasons": list(daemon.unhealthy) + alarms, "alarms": alarms}, 503)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -360,24 +404,18 @@ def _listen_error(host: str, port: int, exc: OSError) -> str:
     return f"{where}: {exc.strerror or exc}; check host and port in this output's config"
 
 
-def _reasons(daemon: Mapping[str, Any]) -> list[str]:
-    """Why the daemon says it is unhealthy, as a list of strings, whatever shape the status gives."""
-    raw = daemon.get("unhealthy", daemon.get("reasons"))
-    if isinstance(raw, str) and raw:
-        return [raw]
-    if isinstance(raw, Mapping) and raw:
-        return [f"{k}: {v}" for k, v in raw.items()]
-    if isinstance(raw, list | tuple) and raw:
-        return [str(r) for r in raw]
-    if "healthy" not in daemon:
-        return ["the daemon's status has no health flag yet (still starting?)"]
-    return ["the daemon reports itself unhealthy"]
-
-
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
     response.headers.setdefault("Content-Security-Policy", _CSP)
+
+
+def _image_headers(image: LatestImage) -> dict[str, str]:
+    """No caching, and which inspection the image shows (for API clients; the page asks by id)."""
+    headers = dict(_NO_STORE)
+    if image.inspection_id:
+        headers["X-Inspection-Id"] = image.inspection_id
+    return headers
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -1,14 +1,14 @@
 """Modbus TCP server for PLCs: the vision-sensor handshake of ``modbus_map`` on the daemon's asyncio loop.
 
-Each configured camera is one Modbus unit id. pymodbus does the framing and the transport; the
-registers live in ``RegisterStore``, which pymodbus calls for every read and write. Every change
-to the registers (a PLC write, a new result, a health refresh) happens on the loop thread under
-one lock, and reads take the same lock, so a multi-register read never mixes two results.
-Results reach the map from the output's worker thread through the loop; the audit log stays the
-record of every inspection (a result the PLC never saw is marked ``failed`` there, with why).
+Each configured camera is one Modbus unit id. ``modbus_server`` is the wire (pymodbus, only the
+documented function codes, counters instead of log lines); the registers live in its
+``RegisterStore``. Every change to the registers (a PLC write, a new result, a health refresh)
+happens on the loop thread under one lock. Results reach the map from the output's worker thread
+through the loop; the audit log stays the record of every inspection (a result the PLC never saw
+is marked ``failed`` there, with why).
 
-Clients whose address is not in ``allow`` are disconnected on connect; frames with a broken MBAP
-header (protocol id, length, function code) close the connection; both are counted.
+TriggerIDs continue across restarts: the last one per camera is kept in the state folder
+(``modbus-trigger-ids.json``), so a trigger id in the audit log is not reused by the next run.
 """
 
 from __future__ import annotations
@@ -17,40 +17,38 @@ import asyncio
 import concurrent.futures
 import errno
 import ipaddress
+import json
 import logging
+import math
+import os
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pymodbus.constants import ExcCodes
-from pymodbus.pdu import DecodePDU
-from pymodbus.server import ModbusTcpServer
-from pymodbus.server.requesthandler import ServerRequestHandler
-from pymodbus.simulator import SimData, SimDevice
 
 from ...errors import ApplianceError, PublishError
+from ..commands import BundleCommand, EnableCommand, parse_command
 from ..modbus_map import (
     CameraMap,
     Command,
     CommandAction,
     ErrorCode,
-    Exc,
     Result,
     TriggerAction,
     Verdict,
     result_id_for,
 )
+from ..modbus_server import Counters, ModbusServer, RegisterStore
 from ..records import Inspection
 from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher, run_on_loop
 
 log = logging.getLogger(__name__)
 
 _VERDICTS = {"ok": Verdict.OK, "ng": Verdict.NG, "error": Verdict.ERROR}
-#: Largest MBAP length field: unit id + a PDU of at most 253 bytes.
-_MAX_MBAP_LENGTH = 254
+#: In the state folder: the last TriggerID per camera id, so ids continue across restarts.
+TRIGGER_IDS_FILE = "modbus-trigger-ids.json"
 
 
 class ModbusConfig(PublisherConfig):
@@ -96,121 +94,52 @@ class ModbusConfig(PublisherConfig):
         return value
 
 
-class RegisterStore:
-    """All cameras' maps behind one lock; pymodbus calls it as its datastore (``async_getValues`` ...)."""
+class TriggerIdFile:
+    """The last TriggerID per camera in a small JSON file, replaced atomically on every new id.
 
-    def __init__(self, units: dict[int, CameraMap]) -> None:
-        self.units = units
-        self.lock = threading.Lock()
-        self.on_actions: Any = None  # (unit, actions) -> None, set by the publisher
+    Without it TriggerIDs would start at 1 again on every start and repeat in the audit log. An
+    unreadable file starts the ids again (logged); a failed write is counted and logged at most once
+    a minute, and triggering goes on: every audit row also carries the run that wrote it (``run_id``).
+    """
 
-    def device_ids(self) -> list[int]:
-        """Configured unit ids."""
-        return list(self.units)
+    LOG_EVERY_S = 60.0
 
-    async def async_getValues(self, device_id: int, func_code: int, address: int,  # noqa: N802 - pymodbus' API
-                              count: int = 1) -> list[int] | ExcCodes:
-        """A read: one consistent snapshot of the registers asked for."""
-        cam = self.units.get(device_id)
-        if cam is None:
-            return ExcCodes.GATEWAY_NO_RESPONSE
-        with self.lock:
-            values = cam.read(func_code, address, count)
-        return ExcCodes(int(values)) if isinstance(values, Exc) else values
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ids: dict[str, int] = {}
+        self.write_errors = 0
+        self._logged_at = -math.inf
 
-    async def async_setValues(self, device_id: int, func_code: int, address: int,  # noqa: N802 - pymodbus' API
-                              values: list[int]) -> ExcCodes | None:
-        """A write; the triggers and commands it asks for are carried out before the answer goes out."""
-        cam = self.units.get(device_id)
-        if cam is None:
-            return ExcCodes.GATEWAY_NO_RESPONSE
-        with self.lock:
-            actions = cam.write(func_code, address, [int(v) for v in values])
-        if isinstance(actions, Exc):
-            return ExcCodes(int(actions))
-        if actions and self.on_actions is not None:
-            self.on_actions(device_id, actions)
-        return None
+    def load(self) -> dict[str, int]:
+        """Read the file (entries of cameras no longer configured are kept for when they come back)."""
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            self.ids = {str(cam): int(tid) & 0xFFFF for cam, tid in data.items()
+                        if isinstance(tid, int) and not isinstance(tid, bool)}
+        except FileNotFoundError:
+            self.ids = {}
+        except (OSError, ValueError) as exc:
+            log.warning("modbus: %s is unreadable (%s); TriggerIDs start again from 1", self.path, exc)
+            self.ids = {}
+        return dict(self.ids)
 
-
-class _Counters:
-    def __init__(self) -> None:
-        self.requests = self.refused = self.malformed = self.connections = 0
-
-
-class _CountingDecoder(DecodePDU):
-    """pymodbus' request decoder, counting the frames it cannot decode."""
-
-    def __init__(self, counters: _Counters) -> None:
-        super().__init__(True)
-        self.counters = counters
-
-    def decode(self, frame: bytes) -> Any:
-        """Decode a PDU; ``None`` (counted) if it is not a request pymodbus knows."""
-        pdu = super().decode(frame)
-        if pdu is None:
-            self.counters.malformed += 1
-        return pdu
-
-
-def mbap_problem(data: bytes) -> str | None:
-    """What is wrong with the MBAP header at the start of ``data`` (as far as it has arrived), or ``None``."""
-    if len(data) >= 4 and data[2:4] != b"\x00\x00":
-        return "protocol id is not 0"
-    if len(data) >= 6 and not 2 <= int.from_bytes(data[4:6], "big") <= _MAX_MBAP_LENGTH:
-        return "length out of range"
-    if len(data) >= 8 and (data[7] == 0 or data[7] >= 0x80):
-        return "function code out of range"
-    return None
-
-
-class _Handler(ServerRequestHandler):
-    """One client connection: the allow-list on connect, broken headers close the connection."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        owner: _Server = self.server
-        peer = transport.get_extra_info("peername")
-        if not owner.allowed(peer[0] if peer else None):
-            owner.counters.refused += 1
-            log.warning("modbus: client %s is not in allow; disconnected", peer)
-            self.close()
-            return
-        owner.counters.connections += 1
-
-    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
-        owner: _Server = self.server
-        problem = mbap_problem(data)
-        if problem is not None:
-            owner.counters.malformed += 1
-            log.debug("modbus: malformed frame (%s); closing the connection", problem)
-            self.close()
-            return len(data)
-        used = super().callback_data(data, addr)
-        if self.last_pdu is not None:
-            owner.counters.requests += 1
-        return used
-
-
-class _Server(ModbusTcpServer):
-    def __init__(self, store: RegisterStore, host: str, port: int, allow: list[str]) -> None:
-        placeholder = SimDevice(0, simdata=[SimData(0)])  # pymodbus wants one; the store replaces it
-        super().__init__(placeholder, address=(host, port))
-        self.context = store
-        self.counters = _Counters()
-        self.decoder = _CountingDecoder(self.counters)
-        self._allow = [ipaddress.ip_network(a, strict=False) for a in allow]
-
-    def allowed(self, address: str | None) -> bool:
-        if address is None:
-            return False
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self._allow)
-
-    def callback_new_connection(self) -> _Handler:
-        return _Handler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+    def save(self, camera: str, trigger_id: int) -> None:
+        """Keep ``trigger_id`` as ``camera``'s last; never raises."""
+        self.ids[camera] = trigger_id
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.ids, sort_keys=True) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            self.write_errors += 1
+            now = time.monotonic()
+            if now - self._logged_at >= self.LOG_EVERY_S:
+                self._logged_at = now
+                log.warning("modbus: cannot keep the last TriggerID in %s: %s (%d failed writes); triggering goes "
+                            "on, but after a restart TriggerIDs may repeat (the audit's run_id tells the runs apart)",
+                            self.path, exc.strerror or exc, self.write_errors)
 
 
 @register_publisher
@@ -226,7 +155,9 @@ class ModbusPublisher(Publisher):
         self.maps = {unit: CameraMap(config.buffer) for unit in config.cameras.values()}
         self.store = RegisterStore(self.maps)
         self.store.on_actions = self._actions
-        self._server: _Server | None = None
+        self.store.on_trigger_id = self._trigger_id_taken
+        self.trigger_ids = TriggerIdFile(Path(context.state_dir) / TRIGGER_IDS_FILE)
+        self._server: ModbusServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._port: int | None = None
         self._closing = False
@@ -243,8 +174,12 @@ class ModbusPublisher(Publisher):
         run_on_loop(self.context.loop, self.start_async(), self.config.timeout, self.type, "start")
 
     async def start_async(self) -> None:
-        """Listen (on the running loop) and start the refresh task."""
-        server = _Server(self.store, self.config.host, self.config.port, self.config.allow)
+        """Continue the TriggerIDs of the last run, listen (on the running loop), start the refresh task."""
+        last = self.trigger_ids.load()
+        with self.store.lock:
+            for cam_id, unit in self.config.cameras.items():
+                self.maps[unit].next_trigger_id = last.get(cam_id, 0)
+        server = ModbusServer(self.store, self.config.host, self.config.port, self.config.allow)
         if not await server.listen():
             raise PublishError(_listen_error(self.config.host, self.config.port))
         self._server = server
@@ -312,6 +247,9 @@ class ModbusPublisher(Publisher):
                 self._tasks.append(asyncio.ensure_future(self._command(unit, camera, action)))
                 self._tasks = [t for t in self._tasks if not t.done()]
 
+    def _trigger_id_taken(self, unit: int, trigger_id: int) -> None:
+        self.trigger_ids.save(self._camera(unit), trigger_id)
+
     def _trigger(self, unit: int, camera: str, trigger_id: int) -> None:
         code = ErrorCode.TRIGGER_REFUSED
         try:
@@ -325,10 +263,14 @@ class ModbusPublisher(Publisher):
             self.maps[unit].trigger_answered(trigger_id, accepted, code)
 
     async def _command(self, unit: int, camera: str, action: CommandAction) -> None:
-        request = _command_request(camera, action)
         error = ErrorCode.NONE
+        try:
+            request = _command_request(camera, action)
+        except ApplianceError as exc:
+            log.warning("modbus: command %s for %s refused: %s", action.code, camera, exc)
+            request, error = None, ErrorCode.COMMAND_FAILED
         if request is None:
-            error = ErrorCode.UNKNOWN_COMMAND
+            error = error or ErrorCode.UNKNOWN_COMMAND
         else:
             try:
                 if self.context.control is None:
@@ -362,32 +304,37 @@ class ModbusPublisher(Publisher):
             await asyncio.sleep(self.config.refresh_s)
 
     def refresh(self) -> None:
-        """Ready, ModelLoaded, InspectionEnabled and the threshold from the daemon's status."""
+        """Ready, ModelLoaded, InspectionEnabled, the threshold and alarms from the daemon's status.
+
+        Each unit follows its own camera: one camera's trouble never drops another camera's Ready.
+        A daemon alarm (a full disk) sets every unit's Error bit with its code while it lasts.
+        """
         try:
             status = self.context.status()
+            cameras, alarms = status.cameras, [a.kind for a in status.daemon.alarms]
         except Exception as exc:
             log.warning("modbus: the daemon's status failed: %s", exc)
-            status = {}
-        healthy = bool(status.get("daemon", {}).get("healthy")) and not self._closing
-        cameras = status.get("cameras", {})
+            cameras, alarms = {}, []
+        alarm = ErrorCode.DISK_LOW if "disk_low" in alarms else None
         now = time.monotonic()
         with self.store.lock:
             for cam_id, unit in self.config.cameras.items():
-                cam = cameras.get(cam_id) or {}
-                model_id = (cam.get("bundle") or {}).get("model_id")
-                enabled = bool(cam.get("enabled", bool(cam)))
-                ready = healthy and cam.get("state") == "running" and enabled and bool(model_id)
-                threshold = (cam.get("threshold") or {}).get("value")
+                cam = cameras.get(cam_id)
+                model_id = cam.bundle.model_id if cam is not None else None
+                enabled = cam.enabled if cam is not None else False
+                ready = cam is not None and cam.ready and not self._closing
+                threshold = cam.threshold.value if cam is not None else None
                 self.maps[unit].set_health(ready, bool(model_id), enabled, model_id, threshold)
+                self.maps[unit].set_alarm(alarm)
                 seen = self.maps[unit].plc_heartbeat_changes
                 if seen and self._plc_beat.get(unit, (0, 0.0))[0] != seen:
                     self._plc_beat[unit] = (seen, now)
 
     # ------------------------------------------------------------ status, doctor
     def state(self) -> dict[str, Any]:
-        """Listening, clients, requests, refused clients, malformed frames, PLC heartbeat age per camera."""
+        """Listening, clients, requests, refused clients and function codes, malformed frames, PLC heartbeat ages."""
         server = self._server
-        counters = server.counters if server is not None else _Counters()
+        counters = server.counters if server is not None else Counters()
         now = time.monotonic()
         cameras = {}
         with self.store.lock:
@@ -401,7 +348,9 @@ class ModbusPublisher(Publisher):
         return {"listening": server is not None, "address": f"{self.config.host}:{self._port}",
                 "clients": len(server.active_connections) if server is not None else 0,
                 "connections": counters.connections, "requests": counters.requests,
-                "refused_clients": counters.refused, "malformed_frames": counters.malformed, "cameras": cameras}
+                "refused_clients": counters.refused_clients, "malformed_frames": counters.malformed,
+                "refused_function_codes": counters.refused_functions,
+                "trigger_id_write_errors": self.trigger_ids.write_errors, "cameras": cameras}
 
     @classmethod
     def check(cls, config: PublisherConfig, state_dir: Path) -> tuple[str, str]:
@@ -423,15 +372,21 @@ class ModbusPublisher(Publisher):
         return status, f"{config.host}:{config.port} is free; units {config.cameras}" + note
 
 
-def _command_request(camera: str, action: CommandAction) -> dict[str, Any] | None:
+def _command_request(camera: str, action: CommandAction) -> Any:
+    """The daemon's typed command for a PLC's command code, ``None`` for an unknown code.
+
+    Raises:
+        CommandError: the arguments are out of range (a threshold above 1000).
+
+    """
     arg0 = action.args[0]
     if action.code in (Command.ENABLE, Command.DISABLE):
-        return {"cmd": "enable", "camera": camera, "enabled": action.code == Command.ENABLE, "who": "modbus"}
+        return EnableCommand(camera=camera, enabled=action.code == Command.ENABLE, who="modbus")
     if action.code == Command.BUNDLE_SLOT:
-        return {"cmd": "bundle", "camera": camera, "slot": arg0, "who": "modbus"}
+        return BundleCommand(camera=camera, slot=arg0, who="modbus")
     if action.code == Command.THRESHOLD:
-        return {"cmd": "threshold", "camera": camera, "value": None if arg0 == 0xFFFF else arg0 / 1000,
-                "who": "modbus"}
+        return parse_command({"cmd": "threshold", "camera": camera,
+                              "value": None if arg0 == 0xFFFF else arg0 / 1000, "who": "modbus"})
     return None
 
 

@@ -12,6 +12,10 @@ rows acknowledged but not yet marked are sent again: at least once, consumers de
 The broker may be down when the daemon starts: paho connects in the background and retries with
 backoff; the daemon inspects meanwhile and the outbox grows up to ``max_pending`` (then the oldest
 unsent rows are marked ``dropped``, counted, and an ``outbox_dropped`` event is audited).
+
+When the audit log cannot write (a full disk), results do not reach the outbox; they are sent
+from memory instead (``publish_uncommitted``, at most ``max_pending`` waiting), after the rows
+that are in the outbox, and their rows, once written, are marked sent without a second publish.
 Commands (``<prefix>/<camera>/cmd/...``) are validated on paho's thread and run on the daemon's loop;
 their replies never wait on paho's thread. Topics and payloads: ``mqtt_wire.py`` and docs/mqtt.md.
 """
@@ -75,9 +79,10 @@ class MqttConfig(PublisherConfig):
     reconnect_max_s: int = Field(60, ge=1, le=3600, description="longest wait between reconnects (doubling)")
     drain_s: float = Field(3.0, ge=0, le=60, description="at an orderly stop, seconds to wait for unsent "
                                                          "results (the rest are sent after the restart)")
-    commands: bool = Field(True, description="accept commands on <prefix>/<camera>/cmd/{trigger,threshold,reload}")
-    allow: tuple[Literal["trigger", "threshold", "reload"], ...] = Field(
-        COMMANDS, description="the commands accepted (others are refused)")
+    commands: bool = Field(True, description="accept commands on <prefix>/<camera>/cmd/<name>")
+    allow: tuple[Literal["trigger", "threshold", "reload", "enable", "bundle"], ...] = Field(
+        COMMANDS, description="the commands accepted (others are refused): trigger, threshold, reload by default; "
+                              "enable and bundle on request")
     command_token: SecretStr | None = Field(None, description="if set, a command must carry it as 'token'")
 
     @field_validator("prefix")
@@ -147,7 +152,7 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
 
 @dataclass(slots=True)
 class _InFlight:
-    row_id: int
+    row_id: int | None  # None: sent from memory (its audit row was not written yet)
     inspection_id: str
     topic: str
 
@@ -175,10 +180,13 @@ class MqttPublisher(Publisher):
         self._stop = threading.Event()
         self._acks: deque[tuple[int, str | None]] = deque()  # (mid, failure reason) from paho's thread
         self._inflight: dict[int, _InFlight] = {}  # mid -> outbox row; the sender thread's own
+        self._memory: deque[tuple[str, str]] = deque()  # (inspection id, payload) not in the outbox yet
+        self._sent_from_memory: dict[str, None] = {}  # acknowledged ids whose outbox rows come later
         self._hold: set[int] = set()  # in flight when the connection came back: wait for their acks
         self._last_id = 0  # the newest outbox row handed to paho
         self._idle = False  # nothing in flight and nothing unsent at the last look
         self._connected = False
+        self._subscribed = False
         self._connections = 0  # successful connects; a change tells the sender to hold
         self._seen_connections = 0
         self._failed_connects = 0
@@ -202,6 +210,14 @@ class MqttPublisher(Publisher):
         self._wake.set()
         return Delivery("pending", detail="outbox")
 
+    def publish_uncommitted(self, inspection: Inspection) -> None:
+        """The audit log could not write this result: send it from memory (the PLC must still get it)."""
+        self._memory.append((inspection.id, wire.result_payload(inspection)))
+        while len(self._memory) > self.config.max_pending:
+            self._memory.popleft()
+            self.dropped += 1
+        self._wake.set()
+
     def state(self) -> dict[str, Any]:
         """Connection, backlog (unsent rows in the outbox) and counters, for ``appliance status``."""
         try:
@@ -209,11 +225,14 @@ class MqttPublisher(Publisher):
         except Exception as exc:  # a status read must not fail for the audit log's sake
             backlog = None
             log.debug("mqtt: backlog unknown: %s", exc)
+        if isinstance(backlog, int):
+            backlog += len(self._memory)
         return {"state": "ok" if self._connected else "disconnected", "connected": self._connected,
                 "broker": f"{self.config.host}:{self.config.port}", "client_id": self.client_id,
                 "backlog": backlog, "inflight": len(self._inflight), "sent": self.sent, "failed": self.failed,
                 "dropped": self.dropped, "last_error": self.last_error, "last_ack_at": self.last_ack_at,
-                "last_sent_at": self.last_ack_at, "commands_ok": self._commands.ok,
+                "last_sent_at": self.last_ack_at, "commands_subscribed": self._subscribed,
+                "commands_ok": self._commands.ok,
                 "commands_refused": self._commands.refused}
 
     @classmethod
@@ -259,6 +278,7 @@ class MqttPublisher(Publisher):
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = _no_delay
         self._client = client
         client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
@@ -299,6 +319,7 @@ class MqttPublisher(Publisher):
             self._failed_connects = 0
             self.last_error = None
             client.publish(wire.online_topic(self.config.prefix), "online", qos=1, retain=True)
+            self._subscribed = False
             if self.config.commands:
                 client.subscribe(wire.command_filter(self.config.prefix), qos=1)
             self._connections += 1
@@ -324,6 +345,9 @@ class MqttPublisher(Publisher):
         # Called with paho's message lock held: note the ack, let the sender do the rest.
         self._acks.append((mid, str(reason) if reason is not None and reason.is_failure else None))
         self._wake.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        self._subscribed = True  # the broker has the command subscription: commands reach us from now on
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._commands.handle(message.topic, message.payload)
@@ -367,6 +391,13 @@ class MqttPublisher(Publisher):
             if row is None:
                 continue  # a status message or a command reply
             now = time.time()
+            if row.row_id is None:  # from memory: its outbox row, once written, is marked sent without a resend
+                self._sent_from_memory[row.inspection_id] = None
+                while len(self._sent_from_memory) > max(self.config.max_pending, 1000):
+                    self._sent_from_memory.pop(next(iter(self._sent_from_memory)))
+                self.sent += failure is None
+                self.last_ack_at = now
+                continue
             if failure is None:
                 self.sent += 1
                 self.last_ack_at = now
@@ -388,6 +419,12 @@ class MqttPublisher(Publisher):
             return
         rows = self.context.outbox.pending(self.name, limit=room, after=self._last_id)
         for row in rows:
+            if row["inspection_id"] in self._sent_from_memory:
+                self._sent_from_memory.pop(row["inspection_id"])
+                self.context.outbox.delivered(row["inspection_id"], self.name, "sent",
+                                              "sent from memory while the audit log could not write")
+                self._last_id = row["id"]
+                continue
             try:
                 topic = wire.result_topic(self.config.prefix, wire.payload_camera(row["payload"]))
             except ValueError as exc:  # not written by this output: it can never be sent
@@ -401,7 +438,17 @@ class MqttPublisher(Publisher):
                 break  # this row stays pending; tried again on the next turn
             self._inflight[info.mid] = _InFlight(row["id"], row["inspection_id"], topic)
             self._last_id = row["id"]
-        self._idle = not rows
+            room -= 1
+        while room > 0 and len(rows) < self.config.inflight and self._memory:  # the outbox is sent first
+            inspection_id, payload = self._memory[0]
+            topic = wire.result_topic(self.config.prefix, wire.payload_camera(payload))
+            info = self._client.publish(topic, payload, qos=1)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                break
+            self._memory.popleft()
+            self._inflight[info.mid] = _InFlight(None, inspection_id, topic)
+            room -= 1
+        self._idle = not rows and not self._memory
 
     def _bound(self) -> None:
         """Keep at most ``max_pending`` unsent rows (besides those in flight): mark the oldest ``dropped``."""
@@ -424,9 +471,10 @@ class MqttPublisher(Publisher):
         periodic = now >= self._status_due
         if periodic:
             self._status_due = now + self.config.status_interval
-        cameras = self.context.status().get("cameras", {})
-        for camera, snapshot in cameras.items():
-            status = wire.camera_status(camera, snapshot, time.time())
+        snapshot = self.context.status()
+        alarms = [a.model_dump(mode="json") for a in snapshot.daemon.alarms]
+        for camera, cam in snapshot.cameras.items():
+            status = wire.camera_status(camera, cam.model_dump(mode="json"), time.time(), alarms)
             key = wire.status_key(status)
             if periodic or self._status_keys.get(camera) != key:
                 self._status_keys[camera] = key

@@ -1,11 +1,14 @@
-"""Commands over MQTT: ``<prefix>/<camera>/cmd/{trigger,threshold,reload}``, each answered on ``.../cmd/response``.
+"""Commands over MQTT: ``<prefix>/<camera>/cmd/<name>``, each answered on ``.../cmd/response``.
 
-A command is validated here (pydantic, strict: JSON object, known fields and types, the token
-when one is configured, a running camera), then run by the daemon's own control handler on its
-asyncio loop, exactly as ``appliance trigger``/``threshold``/``reload`` would run it. Paho's
-network thread only parses and schedules; the reply is published when the loop has answered.
-Every refusal is replied (with the request id when the payload had one), counted and audited
-as a ``command_refused`` event. Nothing a sender can publish stops the network thread.
+The topic names the camera and the command; the payload is a JSON object (at most
+``commands.MAX_COMMAND_BYTES``) with the command's fields plus an optional request ``id``
+(echoed in the reply; a trigger's ``id`` becomes its result's ``trigger_id``) and ``token``
+(required when one is configured). It is turned into the daemon's own typed command
+(``appliance.daemon.commands``) and run by the daemon's one dispatcher on its asyncio loop,
+exactly as ``appliance trigger``/``threshold``/``reload`` would run it. Paho's network thread
+only parses and schedules; the reply is published when the loop has answered. Any payload gets
+a reply: every refusal is replied (with the request id when the payload had one), counted and
+audited as a ``command_refused`` event. Nothing a sender can publish stops the network thread.
 """
 
 from __future__ import annotations
@@ -19,52 +22,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from ...errors import ApplianceError
+from .. import commands as cmd
 from ..audit_db import iso_utc
 from .base import OutputContext
 from .mqtt_wire import RESPONSE, response_topic
 
 log = logging.getLogger(__name__)
+#: Commands MQTT accepts unless ``allow`` says otherwise.
 COMMANDS = ("trigger", "threshold", "reload")
+#: Commands MQTT may be allowed to carry (the daemon's commands that a line's machines may send).
+REMOTE = ("trigger", "threshold", "reload", "enable", "bundle")
+_ENVELOPE = ("id", "token")
 
 
-class CommandError(ApplianceError):
-    """A command that is not run: malformed, not allowed, unauthorised or for an unknown camera."""
+class CommandError(cmd.CommandError):
+    """A command that is not run, with the request id to echo in the reply."""
 
     def __init__(self, reason: str, request_id: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.request_id = request_id
-
-
-class _Command(BaseModel):
-    """Fields every command may carry."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
-    id: str | None = Field(None, min_length=1, max_length=64, description="request id, echoed in the reply")
-    token: str | None = Field(None, max_length=256, description="the shared command token, when one is configured")
-
-
-class TriggerCommand(_Command):
-    """Take one frame; the result carries the request ``id`` as its ``trigger_id``."""
-
-
-class ThresholdCommand(_Command):
-    """Set (a number in [0, 1]) or clear (null) the operator threshold of the camera or one of its shifts."""
-
-    value: float | None = Field(ge=0.0, le=1.0, description="normalised threshold; null clears the override")
-    shift: str | None = Field(None, min_length=1, max_length=64, description="a shift name of the schedule")
-    who: str | None = Field(None, min_length=1, max_length=64, description="who asked, for the audit log")
-
-
-class ReloadCommand(_Command):
-    """Read the config file again (as ``appliance reload``)."""
-
-
-_MODELS: dict[str, type[_Command]] = {"trigger": TriggerCommand, "threshold": ThresholdCommand,
-                                      "reload": ReloadCommand}
 
 
 def split_command_topic(prefix: str, topic: str) -> tuple[str, str] | None:
@@ -79,39 +57,45 @@ def split_command_topic(prefix: str, topic: str) -> tuple[str, str] | None:
 
 
 def parse_command(name: str, camera: str, payload: bytes, allowed: tuple[str, ...] = COMMANDS,
-                  token: str | None = None) -> tuple[str | None, dict[str, Any]]:
-    """Validate one command: ``(request id, control request)``, or ``CommandError`` saying why not.
+                  token: str | None = None) -> tuple[str | None, Any]:
+    """Validate one command: ``(request id, typed command)``, or ``CommandError`` saying why not.
 
     An empty payload is ``{}`` (a bare trigger or reload). ``token``: the one a sender must quote.
     """
-    request_id = None
     try:
-        data = json.loads(payload.decode("utf-8")) if payload.strip() else {}
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CommandError(f"payload is not JSON: {exc}") from None
+        data = cmd.load_json(payload) if payload.strip() else {}
+    except (cmd.CommandError, UnicodeDecodeError) as exc:
+        raise CommandError(str(exc)) from None
     if not isinstance(data, dict):
         raise CommandError(f"payload must be a JSON object, got {type(data).__name__}")
-    if isinstance(data.get("id"), str) and len(data["id"]) <= 64:
-        request_id = data["id"]  # echoed even when the rest is refused, so the sender can match the reply
-    if name not in _MODELS:
-        raise CommandError(f"unknown command {name!r}; known: {', '.join(COMMANDS)}", request_id)
+    request_id = data.get("id") if isinstance(data.get("id"), str) and len(data["id"]) <= 64 else None
+    if name not in REMOTE:
+        raise CommandError(f"unknown command {name[:64]!r}; known: {', '.join(allowed)}", request_id)
     if name not in allowed:
         raise CommandError(f"command {name!r} is not allowed here (allowed: {', '.join(allowed) or 'none'})",
-                             request_id)
-    try:
-        command = _MODELS[name].model_validate(data)
-    except ValidationError as exc:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}" for e in exc.errors())
-        raise CommandError(f"invalid {name} command: {reasons}", request_id) from None
-    if token is not None and (command.token is None or not hmac.compare_digest(command.token.encode(),
-                                                                                token.encode())):
+                           request_id)
+    given = data.get("token")
+    if token is not None and (not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode())):
         raise CommandError("not authorised: missing or wrong token", request_id)
-    if isinstance(command, ThresholdCommand):
-        return command.id, {"cmd": "threshold", "camera": camera, "value": command.value, "shift": command.shift,
-                            "who": f"mqtt:{command.who}" if command.who else "mqtt"}
-    if isinstance(command, TriggerCommand):
-        return command.id, {"cmd": "trigger", "camera": camera, "id": command.id}
-    return command.id, {"cmd": "reload"}
+    if "id" in data and request_id is None:
+        raise CommandError("invalid id: a request id is a string of at most 64 characters")
+    if "token" in data and (not isinstance(given, str) or len(given) > 256):
+        raise CommandError("invalid token: a string of at most 256 characters", request_id)
+    fields = {k: v for k, v in data.items() if k not in _ENVELOPE}
+    if "cmd" in fields or "camera" in fields:
+        raise CommandError("the topic names the command and the camera; the payload must not", request_id)
+    fields["cmd"] = name
+    if name != "reload":
+        fields["camera"] = camera
+    if name == "trigger":
+        fields["id"] = request_id
+    who = fields.get("who")
+    if name != "trigger" and (who is None or isinstance(who, str)):
+        fields["who"] = f"mqtt:{who}" if who else "mqtt"  # too long or not a string: the model says why
+    try:
+        return request_id, cmd.parse_command(fields)
+    except cmd.CommandError as exc:
+        raise CommandError(str(exc), request_id) from None
 
 
 def response_payload(name: str, camera: str, request_id: str | None, ok: bool, at: float,
@@ -149,7 +133,7 @@ class Commands:
         camera, name = where
         try:
             request_id, request = parse_command(name, camera, payload, self.allowed, self._token)
-            known = set(self.context.status().get("cameras", {}))
+            known = set(self.context.status().cameras)
             if camera not in known:
                 raise CommandError(f"unknown camera {camera!r}; running: {sorted(known)}", request_id)
             if self.context.control is None or self.context.loop is None:

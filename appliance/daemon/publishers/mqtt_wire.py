@@ -89,6 +89,7 @@ def result_payload(inspection: Inspection) -> str:
         "error": inspection.error,
         "source": inspection.source,
         "image_sha256": inspection.image_sha256,
+        "file_sha256": inspection.file_sha256,
     }, separators=(",", ":"), allow_nan=False)
 
 
@@ -103,18 +104,24 @@ def payload_camera(payload: str) -> str:
     return camera
 
 
-def camera_status(camera: str, snapshot: dict[str, Any], at: float) -> dict[str, Any]:
-    """The retained status of one camera from the daemon's status snapshot (no pixels, no per-frame noise)."""
+def camera_status(camera: str, snapshot: dict[str, Any], at: float, alarms: list[dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
+    """The retained status of one camera from the daemon's status snapshot (no pixels, no per-frame noise).
+
+    ``ready`` is what a PLC may act on; ``alarms`` are the daemon's (a full disk) and concern every camera.
+    """
     last = snapshot.get("last") or None
     bundle = snapshot.get("bundle") or {}
     return {
         "camera": camera, "state": snapshot.get("state"), "state_detail": snapshot.get("state_detail"),
+        "ready": snapshot.get("ready"), "healthy": snapshot.get("healthy"), "unhealthy": snapshot.get("unhealthy"),
         "trigger": snapshot.get("trigger"), "fps": snapshot.get("fps"), "frames": snapshot.get("frames"),
         "counts": snapshot.get("counts"), "drops": snapshot.get("drops"),
         "latency_ms": snapshot.get("latency_ms"), "threshold": snapshot.get("threshold"),
         "model_id": bundle.get("model_id"),
         "last": None if last is None else {k: last.get(k) for k in (
             "id", "seq", "verdict", "score", "threshold", "finished_at", "trigger_id")},
+        "alarms": alarms or [],
         "at": iso_utc(at), "at_epoch": at,
     }
 
@@ -122,5 +129,6 @@ def camera_status(camera: str, snapshot: dict[str, Any], at: float) -> dict[str,
 def status_key(status: dict[str, Any]) -> tuple[Any, ...]:
     """What counts as a change worth publishing at once (not fps or counters, which change every frame)."""
     last = status.get("last") or {}
-    return (status.get("state"), status.get("state_detail"), last.get("verdict"), json.dumps(
-        status.get("threshold"), sort_keys=True, default=str), status.get("model_id"))
+    return (status.get("state"), status.get("state_detail"), status.get("ready"), last.get("verdict"), json.dumps(
+        status.get("threshold"), sort_keys=True, default=str), status.get("model_id"),
+        json.dumps([a.get("kind") for a in status.get("alarms") or []]))

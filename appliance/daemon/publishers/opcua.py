@@ -49,7 +49,7 @@ VARIABLES: dict[str, tuple[ua.VariantType, Any]] = {
     "ProcessingMs": (ua.VariantType.Double, 0.0),
     "CapturedAt": (ua.VariantType.DateTime, dt.datetime(1970, 1, 1, tzinfo=dt.UTC)),
     "FinishedAt": (ua.VariantType.DateTime, dt.datetime(1970, 1, 1, tzinfo=dt.UTC)),
-    "ResultCount": (ua.VariantType.UInt32, 0),
+    "ResultCount": (ua.VariantType.UInt32, 0), "Alarms": (ua.VariantType.String, ""),
 }
 
 
@@ -260,20 +260,20 @@ class OpcUaPublisher(Publisher):
             await asyncio.sleep(self.config.refresh_s)
 
     async def refresh(self) -> None:
-        """Ready, Enabled, ModelLoaded, ModelId and Threshold from the daemon's status."""
+        """Ready, Enabled, ModelLoaded, ModelId, Threshold and Alarms from the daemon's status (per camera)."""
         try:
             status = self.context.status()
+            cameras, alarms = status.cameras, [a.kind for a in status.daemon.alarms]
         except Exception as exc:
             log.warning("opcua: the daemon's status failed: %s", exc)
-            status = {}
-        healthy = bool(status.get("daemon", {}).get("healthy")) and not self._closing
+            cameras, alarms = {}, []
         for cam in self._nodes:
-            s = status.get("cameras", {}).get(cam) or {}
-            model_id = (s.get("bundle") or {}).get("model_id") or ""
-            enabled = bool(s.get("enabled", bool(s)))
-            await self._write(cam, {"Ready": healthy and s.get("state") == "running" and enabled and bool(model_id),
-                                    "Enabled": enabled, "ModelLoaded": bool(model_id), "ModelId": model_id,
-                                    "Threshold": float((s.get("threshold") or {}).get("value") or 0.0)})
+            s = cameras.get(cam)
+            model_id = (s.bundle.model_id or "") if s is not None else ""
+            await self._write(cam, {"Ready": s is not None and s.ready and not self._closing,
+                                    "Enabled": s is not None and s.enabled, "ModelLoaded": bool(model_id),
+                                    "ModelId": model_id, "Threshold": float(s.threshold.value) if s else 0.0,
+                                    "Alarms": ", ".join(alarms)})
 
     # ------------------------------------------------------------ status, doctor
     def state(self) -> dict[str, Any]:

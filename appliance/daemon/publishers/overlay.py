@@ -1,10 +1,12 @@
 """Overlay files for the HMI: one PNG per inspection, sized for the panel, plus ``latest.png`` per camera.
 
 The drawing and the EXIF come from ``appliance.overlay`` (the same renderer and file format as
-``appliance predict``); this output letterboxes the result into the panel's exact size, draws an
-error card when a frame failed, files it as ``<dir>/<camera>/<YYYY-MM-DD>/<inspection id>.png``
-(UTC date of capture), swaps ``<dir>/<camera>/latest.png`` atomically, and keeps each camera's
-folder within a file count and a disk budget, oldest first.
+``appliance predict``), drawn straight at the panel's exact size (letterboxed) and encoded once;
+this output draws an error card when a frame failed, files the image as
+``<dir>/<camera>/<YYYY-MM-DD>/<inspection id>.png`` (UTC date of capture), hands the same bytes
+to the live page (``context.latest``), swaps ``<dir>/<camera>/latest.png`` atomically, and keeps
+each camera's folder within a file count and a disk budget, oldest first. Nothing is written
+while the disk is below its floor (``context.disk``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import errno
 import logging
 import os
 import re
+import threading
+import time
 from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,17 +29,25 @@ from pydantic import Field, field_validator
 
 from ...errors import ApplianceError, ConfigError, PublishError
 from ...imaging import to_rgb8
-from ...overlay import OTHER_VERDICT_RGB, _write_atomic, render_overlay, save_overlay
+from ...overlay import (
+    OTHER_VERDICT_RGB,
+    PAD_RGB,
+    _write_atomic,
+    encode_overlay,
+    fill,
+    letterbox,
+    render_panel,
+    write_png,
+)
+from ..latest import LatestDrawer, LatestImage
 from ..records import ERROR, NG, OK, Inspection
 from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest.png"
-#: Letterbox padding: darker than the overlay's banner, so the panel shows where the image ends.
-PAD_RGB = (12, 12, 12)
 ERROR_TEXT_RGB = (16, 16, 16)  # dark text on the amber error banner
-_DISPLAY_VERDICT = {OK: "good", NG: "anomalous"}  # the renderer's words for the wire verdicts
+_DISPLAY_VERDICT = {OK: OK, NG: NG}  # the renderer takes the wire verdicts as they are (shown as OK / NG)
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -99,42 +111,6 @@ def _file_name(name: str, what: str) -> str:
 # --------------------------------------------------------------------------- drawing
 
 
-def letterbox(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """``image`` (uint8 RGB) scaled to fit ``width x height`` with its aspect kept, centred on ``PAD_RGB``."""
-    h, w = image.shape[:2]
-    s = min(width / w, height / h)
-    nw, nh = min(width, max(1, round(w * s))), min(height, max(1, round(h * s)))
-    if (nw, nh) != (w, h):
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    canvas = np.empty((height, width, 3), np.uint8)
-    canvas[:] = PAD_RGB
-    y0, x0 = (height - nh) // 2, (width - nw) // 2
-    canvas[y0:y0 + nh, x0:x0 + nw] = image
-    return canvas
-
-
-def render_fitted(image: np.ndarray, anomaly_map: np.ndarray, width: int, height: int, **kwargs: Any) -> np.ndarray:
-    """``render_overlay`` drawn to fill ``width x height`` (banner included), then letterboxed to exactly that size.
-
-    The overlay is rendered at the size it is shown, so the banner's text is drawn for the panel
-    rather than scaled afterwards; a frame smaller than the panel is enlarged first.
-    """
-    ih, iw = image.shape[:2]
-    grow = min(width / iw, height / ih)
-    if grow > 1:
-        size = (round(iw * grow), round(ih * grow))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        anomaly_map = cv2.resize(anomaly_map.astype(np.float32, copy=False), size, interpolation=cv2.INTER_LINEAR)
-    side = max(width, height)
-    for _ in range(3):  # the banner's height depends on the width: a second round almost always fits
-        out = render_overlay(image, anomaly_map, max_side=side, **kwargs)
-        oh, ow = out.shape[:2]
-        if ow <= width and oh <= height:
-            break
-        side = max(64, int(max(ow, oh) * min(width / ow, height / oh)))
-    return letterbox(out, width, height)
-
-
 def render_error_card(width: int, height: int, message: str, image: np.ndarray | None = None,
                       camera: str = "") -> np.ndarray:
     """A ``width x height`` card for a failed inspection: an amber ERROR banner with the message, over the greyed frame.
@@ -154,8 +130,8 @@ def render_error_card(width: int, height: int, message: str, image: np.ndarray |
     banner_h = min(height, pad + line_h * (1 + len(lines)))
 
     card = np.empty((height, width, 3), np.uint8)
-    card[:] = PAD_RGB
-    card[:banner_h] = OTHER_VERDICT_RGB
+    fill(card[banner_h:], PAD_RGB)
+    fill(card[:banner_h], OTHER_VERDICT_RGB)
     y = pad // 2 + pad // 4 + text_h
     title = "ERROR" + (f"  camera {camera}".encode("ascii", "replace").decode() if camera else "")
     cv2.putText(card, _cut(title, width - 2 * pad, scale, thickness + 1), (pad, y), _FONT, scale,
@@ -266,13 +242,17 @@ class _Retained:
 
 @register_publisher
 class OverlayPublisher(Publisher):
-    """Writes each inspection's overlay (or error card) as a PNG with EXIF and updates ``<camera>/latest.png``.
+    """Writes each inspection's overlay (or error card) as a PNG with EXIF, and keeps each camera's latest image.
 
-    ``latest.png`` always shows the newest published inspection of the camera, OK ones included
-    even under ``only_ng`` (the panel shows the current part; only the per-inspection file is
-    skipped then, and ``publish`` returns ``Delivery("skipped")``). Both files are replaced
-    atomically, so a reader never sees half a PNG. ``publish`` writes to ``record.overlay_path``
-    when the pipeline has set it (from ``planned_path``), else to the planned path.
+    Each image is drawn at the panel's size and encoded once; the same bytes become the file,
+    the in-memory latest image the live page shows (``context.latest``) and ``latest.png``
+    (a hard link to the file where possible). The latest image shows the newest inspection of the
+    camera, OK ones included even when they keep no file (``only_ng``, a camera's files turned
+    off): those are drawn by a ``LatestDrawer`` that draws only the newest of a burst, and
+    ``publish`` returns ``Delivery("skipped")`` for them. ``publish`` writes to
+    ``record.overlay_path`` when the pipeline has set it (from ``planned_path``), else to the
+    planned path; when the disk is below its floor (``context.disk``) it writes nothing and
+    returns ``Delivery("dropped")``, but the latest image is still drawn.
     """
 
     type: ClassVar[str] = "overlay"
@@ -287,6 +267,10 @@ class OverlayPublisher(Publisher):
         # When each camera's last OK overlay was planned (pipeline thread) and drawn (this output's thread).
         self._ok_planned: dict[str, float] = {}
         self._ok_drawn: dict[str, float] = {}
+        self.drawer = LatestDrawer(self._draw_latest)
+        self._latest_lock = threading.Lock()  # latest.png is written from this output's thread and the drawer's
+        self._latest_at: dict[str, float] = {}  # capture time of the inspection each latest.png shows
+        self._latest_error: str | None = None
 
     def set_camera_options(self, camera: str, **options: Any) -> None:
         """Override ``only_ng``, ``keep`` and ``max_mb`` for one camera, or turn its files off (``enabled=False``)."""
@@ -322,37 +306,55 @@ class OverlayPublisher(Publisher):
         except OSError as exc:
             raise PublishError(_os_message(exc, self.root)) from exc
 
+    def close(self) -> None:
+        """Draw the latest images still waiting (one per camera), then stop the drawer."""
+        self.drawer.close()
+
     def publish(self, inspection: Inspection) -> Delivery:
-        """Draw, write and file one record's overlay; ``PublishError`` if it cannot be drawn or written."""
+        """Draw, write and file one record's overlay; ``PublishError`` if it cannot be drawn or written.
+
+        Every way that does not write the planned file says so: ``skipped`` only when no file was
+        planned, ``dropped`` when the disk is below its floor, ``PublishError`` on any failure.
+        """
         rec = inspection
         try:
             target = Path(rec.overlay_path) if rec.overlay_path else self._unplanned(rec)
-            latest = self.root / _file_name(rec.camera, "camera id") / LATEST
+            _file_name(rec.camera, "camera id")
         except ConfigError as exc:
             raise PublishError(f"overlay of inspection {rec.id}: {exc}") from exc
-        cfg = self.effective(rec.camera) or self.cfg
-        if target is None and rec.verdict == OK and not _due(self._ok_drawn, rec.camera, rec.captured_at,
-                                                              cfg.ok_per_s):
-            return Delivery("skipped", detail=f"OK overlays at most {cfg.ok_per_s:g} per second")
-        card, metadata = self._draw(rec), record_metadata(rec)
-
-        current = target or latest
+        self._check_drawable(rec)
+        cfg = self.effective(rec.camera)
+        if target is None:
+            per_s = (cfg or self.cfg).ok_per_s
+            if rec.verdict == OK and not _due(self._ok_drawn, rec.camera, rec.captured_at, per_s):
+                return Delivery("skipped", detail=f"OK overlays at most {per_s:g} per second")
+            self.drawer.put(rec)
+            return Delivery("skipped")  # no file planned: only the latest image shows it
+        disk = self.context.disk
+        if disk is not None and not disk.allows(target.parent):
+            self.drawer.put(rec)  # the panel still shows the current part
+            return Delivery("dropped", detail=f"disk below its floor ({target.parent}): overlay file not written")
+        if rec.verdict == OK:
+            self._ok_drawn[rec.camera] = max(rec.captured_at, self._ok_drawn.get(rec.camera, rec.captured_at))
+        self.drawer.discard_older(rec.camera, rec.captured_at)  # drawn here now: an older one waiting would lose
+        data = self._encode(rec)
+        self._show(rec, data)
         try:
-            if target is None:
-                save_overlay(latest, card, metadata)
-                return Delivery("skipped")
-            save_overlay(target, card, metadata)
+            write_png(target, data)
             files = self._camera_files(rec.camera)
-            data = target.read_bytes()
             files.add(target, len(data))
-            current = latest
-            latest.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(latest, data)
             self._trim(rec.camera, files)
-        except ApplianceError as exc:  # save_overlay's "disk full"
+        except ApplianceError as exc:  # write_png's "disk full"
             raise PublishError(f"overlay of inspection {rec.id}: {exc}") from exc
         except OSError as exc:
-            raise PublishError(f"overlay of inspection {rec.id}: {_os_message(exc, current)}") from exc
+            raise PublishError(f"overlay of inspection {rec.id}: {_os_message(exc, Path(exc.filename or target))}"
+                               ) from exc
+        try:  # the file is written: a latest.png that cannot be swapped is logged, not the delivery's failure
+            self._write_latest(rec, data, target)
+        except OSError as exc:
+            self._latest_failed(f"latest.png of inspection {rec.id}: {_os_message(exc, Path(exc.filename or target))}")
+        else:
+            self._latest_failed(None)
         return Delivery("sent", detail=str(target))
 
     @classmethod
@@ -365,10 +367,55 @@ class OverlayPublisher(Publisher):
         return "ok", f"{root} writable" + ("" if root.exists() else " (will be created)")
 
     def state(self) -> dict[str, Any]:
-        """The folder and, per camera, the files kept and their size."""
+        """The folder, per camera the files kept and their size, and the latest images drawn and skipped."""
         return {"dir": str(self.root),
                 "cameras": {c: {"files": len(r.files), "mb": round(r.bytes / 2**20, 1)}
-                            for c, r in self._retained.items()}}
+                            for c, r in self._retained.items()},
+                "latest": {"drawn": self.drawer.drawn, "superseded": self.drawer.superseded,
+                           "last_error": self._latest_error}}
+
+    # ------------------------------------------------------------------ the latest image
+
+    def _draw_latest(self, rec: Inspection) -> None:
+        """The drawer's work: a record that keeps no file becomes the latest image (memory, then disk)."""
+        try:
+            data = self._encode(rec)
+            self._show(rec, data)
+            self._write_latest(rec, data, None)
+        except (ApplianceError, OSError) as exc:
+            self._latest_failed(f"latest image of inspection {rec.id}: {exc}")
+        else:
+            self._latest_failed(None)
+
+    def _show(self, rec: Inspection, data: bytes) -> None:
+        if self.context.latest is not None:
+            self.context.latest.put(rec.camera, LatestImage(rec.id, rec.seq, rec.verdict, rec.captured_at,
+                                                            time.time(), data))
+
+    def _write_latest(self, rec: Inspection, data: bytes, source: Path | None) -> None:
+        """``<camera>/latest.png``: a hard link to ``source`` (no bytes written) or the bytes; newest wins.
+
+        Skipped while the disk is below its floor; the in-memory image still shows the part.
+        """
+        folder = self.root / rec.camera
+        disk = self.context.disk
+        if disk is not None and not disk.allows(folder):
+            return
+        with self._latest_lock:
+            if rec.captured_at < self._latest_at.get(rec.camera, float("-inf")):
+                return  # a newer inspection's image is already there
+            folder.mkdir(parents=True, exist_ok=True)
+            latest = folder / LATEST
+            if source is None or not _link_atomic(source, latest):
+                _write_atomic(latest, data)
+            self._latest_at[rec.camera] = rec.captured_at
+
+    def _latest_failed(self, error: str | None) -> None:
+        if error != self._latest_error and error is not None:
+            log.warning("overlay output: %s", error)  # once per kind of failure, not per frame
+        self._latest_error = error
+
+    # ------------------------------------------------------------------ files and drawing
 
     def _camera_files(self, camera: str) -> _Retained:
         files = self._retained.get(camera)
@@ -381,23 +428,49 @@ class OverlayPublisher(Publisher):
         cfg = self.effective(camera) or self.cfg
         files.trim(cfg.keep, cfg.max_mb * 2**20)
 
+    @staticmethod
+    def _check_drawable(rec: Inspection) -> None:
+        missing = [name for name in ("image", "anomaly_map", "score", "threshold") if getattr(rec, name) is None]
+        if rec.verdict != ERROR and missing:
+            raise PublishError(f"inspection {rec.id} ({rec.verdict}) has no {', '.join(missing)}; an OK or NG record "
+                               "must carry them for its overlay")
+
+    def _encode(self, rec: Inspection) -> bytes:
+        """The record's overlay (or error card) at the panel's size, as PNG bytes with EXIF."""
+        try:
+            return encode_overlay(self._draw(rec), record_metadata(rec))
+        except ValueError as exc:
+            raise PublishError(f"overlay of inspection {rec.id} cannot be encoded: {exc}") from exc
+
     def _draw(self, rec: Inspection) -> np.ndarray:
         width, height = self.cfg.width, self.cfg.height
         if rec.verdict == ERROR:
             return render_error_card(width, height, rec.error or "error", rec.image, rec.camera)
-        missing = [name for name in ("image", "anomaly_map", "score", "threshold") if getattr(rec, name) is None]
-        if missing:
-            raise PublishError(f"inspection {rec.id} ({rec.verdict}) has no {', '.join(missing)}; an OK or NG record "
-                               "must carry them for its overlay")
+        self._check_drawable(rec)
         try:
             anomaly_map = rec.anomaly_map()
         except Exception as exc:  # computed on demand from the engine's score: anything may surface here
             raise PublishError(f"the anomaly map of inspection {rec.id} could not be computed: {exc}") from exc
         try:
-            return render_fitted(rec.image, anomaly_map, width, height, score=rec.score, threshold=rec.threshold,
-                                 verdict=_DISPLAY_VERDICT[rec.verdict], model_id=rec.model_id or "unknown")
+            return render_panel(rec.image, anomaly_map, width, height, score=rec.score, threshold=rec.threshold,
+                                verdict=_DISPLAY_VERDICT[rec.verdict], model_id=rec.model_id or "unknown",
+                                pad_rgb=PAD_RGB)
         except (ValueError, ApplianceError) as exc:
             raise PublishError(f"overlay of inspection {rec.id} cannot be drawn: {exc}") from exc
+
+
+def _link_atomic(source: Path, path: Path) -> bool:
+    """Make ``path`` a hard link to ``source``, replacing it atomically; False where links cannot be made."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:  # another file system, or one without hard links: the caller writes the bytes
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True
 
 
 def _due(last: dict[str, float], camera: str, when: float, per_s: float) -> bool:

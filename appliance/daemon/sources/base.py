@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +36,10 @@ class Captured:
         source: file path or URI of the item.
         done: called once the inspection of this item is recorded (``True``: scored, ``False``:
             error); a hot folder moves the file to ``done/`` or ``failed/`` then, not before.
+        file_sha256: sha256 of the file's own bytes, where the item came from a file (``sha256sum``
+            of the file finds its audit row; ``Inspection.image_sha256`` is of the decoded pixels).
+        data: the file's own bytes, where the item came from a file: what a frame store keeps
+            losslessly (a camera stream has none; its frames are encoded when kept).
 
     """
 
@@ -43,6 +47,8 @@ class Captured:
     error: str | None = None
     source: str | None = None
     done: Callable[[bool], None] | None = None
+    file_sha256: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.frame is None) == (self.error is None):
@@ -58,10 +64,16 @@ class Source(ABC):
 
     type: ClassVar[str]
     Config: ClassVar[type[SourceConfig]]
+    #: A source that can wait (a hot folder) is never dropped from: when the queue is full its next
+    #: item waits (backpressure). A live camera cannot wait: its oldest queued frame is dropped instead.
+    can_wait: ClassVar[bool] = False
 
     def __init__(self, config: SourceConfig, camera: str) -> None:
         self.config = config
         self.camera = camera
+        #: Largest frame (pixels) a file-based source decodes; larger files are error items, checked on
+        #: the header before decoding. Set by the pipeline from the camera's bundle.
+        self.max_pixels: int | None = None
 
     @abstractmethod
     def open(self) -> None:

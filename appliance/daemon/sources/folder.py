@@ -121,6 +121,7 @@ class FolderSource(Source):
 
     type = "folder"
     Config = FolderConfig
+    can_wait = True  # files wait in the inbox until there is room: nothing is dropped
 
     def __init__(self, config: FolderConfig, camera: str) -> None:
         super().__init__(config, camera)
@@ -215,7 +216,7 @@ class FolderSource(Source):
                 self._seen[name] = (st.st_size, st.st_mtime_ns, time.monotonic())  # still being written
                 return None
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                item = read_item(path, self.camera)
+                item = read_item(path, self.camera, self.max_pixels)
                 st = path.stat()
             else:
                 item = Captured(
@@ -235,7 +236,7 @@ class FolderSource(Source):
         with self._lock:
             self._taken[name] = token
         return Captured(
-            item.frame, error=item.error, source=item.source,
+            item.frame, error=item.error, source=item.source, file_sha256=item.file_sha256, data=item.data,
             done=partial(self._done, name, token, item.frame is not None),
         )
 

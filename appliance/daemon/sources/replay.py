@@ -8,6 +8,7 @@ not a skip: commissioning with a folder of known-bad files must show them as err
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Literal
@@ -20,11 +21,13 @@ from ...types import Frame
 from .base import Captured, EndOfStream, Source, SourceConfig, SourceError, register_source
 
 
-def read_item(path: Path, camera: str) -> Captured:
+def read_item(path: Path, camera: str, max_pixels: int | None = None) -> Captured:
     """Decode one image file into a captured frame, or an error item saying why it cannot be read.
 
-    Shared by the file-based sources so that a zero-byte, truncated or non-image file reads the
-    same everywhere. ``FileNotFoundError`` is left to the caller (a vanished file may not be an error).
+    Shared by the file-based sources so that a zero-byte, truncated, non-image or over-size file reads
+    the same everywhere. A file of more than ``max_pixels`` pixels (``preprocess.frame_pixel_limit`` of
+    the camera's bundle) is an error item, refused from its header before it is decoded.
+    ``FileNotFoundError`` is left to the caller (a vanished file may not be an error).
     """
     try:
         data = path.read_bytes()
@@ -34,11 +37,12 @@ def read_item(path: Path, camera: str) -> Captured:
         return Captured(None, error=f"{path}: cannot be read: {exc.strerror or exc}", source=str(path))
     if not data:
         return Captured(None, error=f"{path}: is empty (0 bytes)", source=str(path))
+    digest = hashlib.sha256(data).hexdigest()  # the file's own hash: sha256sum of the file finds its audit row
     try:
-        image = decode_image(data, path)
+        image = decode_image(data, path, max_pixels)
     except ImageError as exc:
-        return Captured(None, error=str(exc), source=str(path))
-    return Captured(Frame(image, camera=camera, source=str(path)), source=str(path))
+        return Captured(None, error=str(exc), source=str(path), file_sha256=digest, data=data)
+    return Captured(Frame(image, camera=camera, source=str(path)), source=str(path), file_sha256=digest, data=data)
 
 
 class ReplayConfig(SourceConfig):
@@ -93,7 +97,7 @@ class ReplaySource(Source):
         # the schedule restarts from now instead of bursting to catch up.
         self._due = max(self._due, time.monotonic() - 1.0 / self.config.fps) + 1.0 / self.config.fps
         try:
-            return read_item(path, self.camera)
+            return read_item(path, self.camera, self.max_pixels)
         except FileNotFoundError:
             return Captured(None, error=f"{path}: was removed before it could be read", source=str(path))
 

@@ -17,6 +17,8 @@
   const opened = Date.now();
   let lastAnswer = 0;
   let imageKey = null;
+  let shownImage = null; // what the image on screen shows: latest_image as /recent named it when it loaded
+  let lastShown = null; // the result whose verdict is on screen
 
   function text(id, value) {
     const el = $(id);
@@ -146,28 +148,101 @@
     list.hidden = items.length === 0;
   }
 
-  function renderImage(recent) {
-    const png = recent.latest_png;
+  // The image beside the verdict must be that inspection's. The overlay output may not have drawn it
+  // (OK overlays are rate-limited, a busy device draws only the newest of a burst): then the image shown
+  // is another inspection's, and it is dimmed, striped and captioned as such, never passed off as current.
+  function renderImage(recent, last) {
+    const info = recent.latest_image;
     const img = $("overlay");
-    if (!png || !isNum(png.mtime)) {
+    if (!info || typeof info.url !== "string") {
       img.hidden = true;
       $("noimage").hidden = false;
-      text("imgtime", "");
       imageKey = null;
+      shownImage = null;
+    } else {
+      const key = camApi + info.url.split("/").pop(); // latest.png?id=<the inspection it shows>
+      if (key !== imageKey) {
+        imageKey = key;
+        const next = new Image(); // load off-screen first, so the panel never flashes an empty frame
+        next.onload = () => {
+          if (imageKey !== key) return;
+          img.src = next.src;
+          img.hidden = false;
+          $("noimage").hidden = true;
+          shownImage = info;
+          renderStale(lastShown);
+        };
+        next.onerror = () => { if (imageKey === key) imageKey = null; }; // gone already: ask again next poll
+        next.src = key;
+      }
+    }
+    lastShown = last;
+    renderStale(last);
+  }
+
+  function renderStale(last) {
+    const view = $("view");
+    const shown = shownImage;
+    if (!shown) {
+      view.classList.remove("stale");
+      text("imgcaption", "");
       return;
     }
-    const key = "latest.png?v=" + png.mtime;
-    if (key === imageKey) return;
-    imageKey = key;
-    const next = new Image(); // load off-screen first, so the panel never flashes an empty frame
-    next.onload = () => {
-      if (imageKey !== key) return;
-      img.src = next.src;
-      img.hidden = false;
-      $("noimage").hidden = true;
-      text("imgtime", "image " + clockTime(png.mtime));
-    };
-    next.src = camApi + key;
+    const stale = !!last && shown.inspection_id !== last.id;
+    view.classList.toggle("stale", stale);
+    const which = isNum(shown.seq) ? "#" + shown.seq : "an unknown inspection";
+    const word = typeof shown.verdict === "string" ? " (" + shown.verdict.toUpperCase() + ")" : "";
+    if (!stale) {
+      text("imgcaption", "image " + which + (isNum(shown.captured_at) ? " \u00b7 " + clockTime(shown.captured_at) : ""));
+      return;
+    }
+    let when = "";
+    const at = isNum(last.captured_at) ? last.captured_at : last.time;
+    if (isNum(shown.captured_at) && isNum(at)) {
+      const dt = at - shown.captured_at;
+      when = ", " + span(Math.abs(dt)) + (dt >= 0 ? " before" : " after") + " this verdict";
+    }
+    text("imgcaption", "image of " + which + word + when);
+  }
+
+  function span(seconds) {
+    if (seconds < 10) return seconds.toFixed(1) + " s";
+    if (seconds < 120) return Math.round(seconds) + " s";
+    if (seconds < 7200) return (seconds / 60).toFixed(1) + " min";
+    return (seconds / 3600).toFixed(1) + " h";
+  }
+
+  // A daemon alarm (a disk below its floor, ...) needs a person: a red banner over everything.
+  function renderAlarms(daemon) {
+    const box = $("alarms");
+    const alarms = Array.isArray(daemon.alarms) ? daemon.alarms : [];
+    const rows = alarms.map((a) => {
+      const row = document.createElement("div");
+      row.className = "alarm";
+      row.setAttribute("role", "alert");
+      const title = document.createElement("b");
+      title.textContent = String(a.kind || "alarm").replace(/_/g, " ").toUpperCase();
+      const detail = document.createElement("span");
+      detail.textContent = " " + String(a.detail || "");
+      row.append(title, detail);
+      return row;
+    });
+    box.replaceChildren(...rows);
+    box.hidden = rows.length === 0;
+  }
+
+  // READY is what a PLC may act on (the daemon's flag); NOT READY says why.
+  function renderReady(ready) {
+    const r = obj(ready);
+    const ok = r.ready === true;
+    const pill = $("ready");
+    pill.className = "pill " + (ok ? "s-good" : r.ready === false ? "s-bad" : "s-unknown");
+    text("ready", ok ? "READY" : r.ready === false ? "NOT READY" : "\u2026");
+    const why = Array.isArray(r.why) ? r.why.join("; ") : "";
+    pill.title = why;
+    const line = $("ready-why");
+    line.hidden = ok || !why;
+    text("ready-why", why ? "Not ready: " + why : "");
   }
 
   // Score trend: one point per inspection (newest right), the threshold in force as a dashed step line.
@@ -224,7 +299,9 @@
     renderScore(last, cam);
     renderCounts(cam, recent);
     renderStatus(status, cam, last);
-    renderImage(recent);
+    renderImage(recent, last);
+    renderAlarms(obj(status.daemon));
+    renderReady(recent.ready);
     renderTrend(items);
   }
 
