@@ -8,6 +8,7 @@ A bundle is a directory (or a ``.tar``/``.tar.gz`` of one)::
     scorer/*.npy         the scorer's arrays (no pickles)
     golden/*.png         a few source images with the raw scores they had at build time
     calibration/*.npy    optional per-position score normalisation (format 2)
+    drift/*.npy          optional drift baseline: PCA axes, held-out images in them, their scores (format 5)
     valid_mask.png       optional valid-area mask (source pixels)
 
 ``load_bundle`` verifies everything before it hands back an engine: format and
@@ -38,6 +39,7 @@ import numpy as np
 from . import __version__, runtime
 from .backbone import Backbone
 from .calibration import Calibration
+from .drift import DriftBaseline
 from .engine import Engine
 from .errors import ApplianceError, BundleError
 from .imaging import read_image
@@ -49,8 +51,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "anomaly-appliance-bundle"
 #: 2: optional per-position score normalisation; 3: the preprocessing's resize policy; 4: the frame format
-#: (``preprocess.frame``). Older bundles load as before: without a frame format, frames are not checked.
-FORMAT_VERSION = 4
+#: (``preprocess.frame``); 5: the drift baseline (``drift``, ``None`` when too few images were held out). Older
+#: bundles load as before: without a frame format, frames are not checked; without a baseline, drift is not watched.
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 #: Relative difference allowed between a golden image's score now and at build time.
 GOLDEN_TOLERANCE = {"f32": 0.02, "bf16": 0.08}
@@ -88,7 +91,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, precision: str, scorer: Scorer,
                  calibration: Calibration, golden: list[Golden], training: dict,
                  valid_mask: np.ndarray | None = None, key: bytes | None = None,
-                 position_norm: PositionNorm | None = None) -> Path:
+                 position_norm: PositionNorm | None = None, drift: DriftBaseline | None = None) -> Path:
     """Write a bundle directory atomically (a temporary sibling renamed into place).
 
     Returns:
@@ -127,6 +130,7 @@ def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, p
                            "images": position_norm.images}
             np.save(tmp / norm_record["mean"], position_norm.mean, allow_pickle=False)
             np.save(tmp / norm_record["scale"], position_norm.scale, allow_pickle=False)
+        drift_record = None if drift is None else _write_drift(tmp, drift)
         files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         content_id = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
@@ -144,6 +148,7 @@ def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, p
                        "arrays": array_files},
             "calibration": calibration.to_dict(),
             "position_norm": norm_record,
+            "drift": drift_record,
             "golden": golden_records,
             "valid_mask": "valid_mask.png" if valid_mask is not None else None,
             "training": training,
@@ -160,6 +165,17 @@ def write_bundle(out: str | Path, *, spec: PreprocessSpec, backbone_dir: Path, p
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_drift(tmp: Path, drift: DriftBaseline) -> dict:
+    """Save the drift baseline's arrays under ``drift/``; returns the manifest record."""
+    (tmp / "drift").mkdir()
+    arrays = {}
+    for name, arr in drift.arrays().items():
+        arrays[name] = f"drift/{name}.npy"
+        np.save(tmp / arrays[name], np.ascontiguousarray(arr), allow_pickle=False)
+    return {"arrays": arrays, "images": drift.size, "components": len(drift.explained),
+            "variance_explained": round(float(drift.explained.sum()), 4), "channels": drift.channels}
 
 
 def pack(bundle_dir: str | Path, archive: str | Path) -> Path:
@@ -212,6 +228,8 @@ def read_manifest(bundle_dir: Path) -> dict:
                           f"({FORMAT_VERSION}); upgrade the appliance")
     if manifest.get("digest") != hashlib.sha256(_canonical(manifest)).hexdigest():
         raise BundleError(f"{path}: manifest digest does not match its content; the manifest was altered")
+    if version >= 5 and "drift" not in manifest:
+        raise BundleError(f"{path}: format {version} manifest has no drift record; the bundle is corrupt")
     return manifest
 
 
@@ -238,6 +256,7 @@ def verify_files(bundle_dir: Path, key: bytes | None = None) -> dict:
         MANIFEST}
     if extra:
         raise BundleError(f"{bundle_dir}: files not in the manifest: {sorted(extra)[:5]}; refusing a modified bundle")
+    manifest.setdefault("drift", None)  # formats before 5 had no baseline: read them as having none (digest checked)
     return manifest
 
 
@@ -287,6 +306,7 @@ def load_bundle(path: str | Path, *, threads: int | None = None, streams: int = 
         raise BundleError(f"{path}: backbone gives {backbone.output_shape[1]} channels, bundle expects "
                           f"{manifest['backbone']['output_channels']}")
     position_norm = _load_position_norm(path, manifest, backbone.output_shape)
+    load_drift_baseline(path, manifest)  # checked here so that an unusable baseline refuses the bundle
     engine = Engine(spec, backbone, scorer, calibration, manifest["model_id"], manifest=manifest, bundle_path=path,
                     position_norm=position_norm)
     log.info("bundle %s: scorer loaded, backbone compiled (%s%s) in %.1f s", path, backbone.precision,
@@ -317,6 +337,27 @@ def _load_position_norm(path: Path, manifest: dict, output_shape: tuple[int, ...
     if norm.mean.shape != grid:
         raise BundleError(f"{path}: position norm is for a {norm.mean.shape} patch grid, the backbone gives {grid}")
     return norm
+
+
+def load_drift_baseline(bundle_path: str | Path, manifest: dict) -> DriftBaseline | None:
+    """The bundle's drift baseline, or ``None`` when it has none (formats before 5, or too few held-out images).
+
+    ``manifest`` is the verified one (``engine.manifest``); its files' hashes were checked when it was loaded.
+    """
+    record = manifest.get("drift")
+    if not record:
+        return None
+    path = Path(bundle_path)
+    try:
+        baseline = DriftBaseline.from_arrays(
+            {name: np.load(path / rel, allow_pickle=False) for name, rel in record["arrays"].items()})
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        raise BundleError(f"{path}: bundle's drift baseline is unusable: {exc}") from None
+    channels = manifest["backbone"]["output_channels"]
+    if baseline.channels != channels:
+        raise BundleError(f"{path}: drift baseline is for {baseline.channels} embedding channels, the backbone "
+                          f"gives {channels}")
+    return baseline
 
 
 def _batch_shape(spec: PreprocessSpec) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""Fitting a model: dataset -> features -> scorer -> calibration -> golden images -> bundle.
+"""Fitting a model: dataset -> features -> scorer -> calibration (and drift baseline) -> golden images -> bundle.
 
 The training images' sizes are read first and decide the resize policy
 (``geometry.choose``). Feature extraction is pipelined (a reader thread decodes and
@@ -28,6 +28,7 @@ from .backbone import Backbone
 from .bundle import Golden, load_bundle, write_bundle
 from .calibration import calibrate
 from .datasets import Dataset, Sample
+from .drift import MIN_BASELINE, DriftBaseline, pooled_embedding
 from .engine import Engine
 from .errors import ApplianceError, BackboneError, ConfigError, DatasetError
 from .frame_format import survey as survey_frames
@@ -110,6 +111,7 @@ class FitReport:
     seconds: dict[str, float]
     peak_rss_mb: float
     calibration_scores: dict[str, list[float]]
+    drift: DriftBaseline | None = None
 
 
 def _peak_rss_mb() -> float:
@@ -278,7 +280,8 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
     scorer = create(options.scorer, options.settings)
 
     stream = _feature_stream(readable, pre, backbone, skipped, progress)
-    fit_stats = scorer.fit((f for _, f, _ in stream), len(readable), pre.valid_patches(valid_mask))
+    train_embeddings: list[np.ndarray] = []  # the drift baseline's principal axes come from these
+    fit_stats = scorer.fit(_tap_embeddings(stream, train_embeddings), len(readable), pre.valid_patches(valid_mask))
     t_fit = time.perf_counter()
     n_train = len(dataset.train) - len(skipped)  # so far only training images were skipped
     if n_train < 1:
@@ -305,6 +308,7 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
         good = [score for score, s in records if s.label == "good"]
     defect = [score for score, s in records if s.label == "defect"]
     calibration = calibrate(np.array(good), np.array(defect), options.target_false_reject_rate)
+    drift, drift_note = _drift_baseline(train_embeddings, [f for s, f, _ in held_out if s.label == "good"], good)
     del held_out, goods
     t_cal = time.perf_counter()
 
@@ -316,17 +320,46 @@ def fit(dataset: Dataset, out: str | Path, options: FitOptions, progress: StageP
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "fit": fit_stats, "calibration": calibration.describe(),
         "position_norm": _describe_norm(position_norm, len(good), options),
+        "drift": drift_note,
         "seconds": {"features_and_fit": round(t_fit - t_start, 2), "calibration": round(t_cal - t_fit, 2)},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
     bundle = write_bundle(out, spec=spec, backbone_dir=bb_dir, precision=options.precision, scorer=scorer,
                           calibration=calibration, golden=golden, training=training, valid_mask=valid_mask, key=key,
-                          position_norm=position_norm)
+                          position_norm=position_norm, drift=drift)
     del backbone
     loaded = load_bundle(bundle, threads=options.threads, cache_dir=options.cache_dir, key=key)
     seconds = {**training["seconds"], "total": round(time.perf_counter() - t_start, 2)}
     return FitReport(bundle, loaded, geometry.reason, skipped, seconds, _peak_rss_mb(),
-                     {"good": good, "defect": defect})
+                     {"good": good, "defect": defect}, drift)
+
+
+def _tap_embeddings(stream: Iterator[tuple[Sample, np.ndarray, tuple[int, int]]], into: list[np.ndarray]
+                    ) -> Iterator[np.ndarray]:
+    """The features of a stream, each one's pooled embedding appended to ``into`` on the way."""
+    for _, features, _ in stream:
+        into.append(pooled_embedding(features))
+        yield features
+
+
+def _drift_baseline(train: list[np.ndarray], features: list[np.ndarray], scores: list[float]
+                    ) -> tuple[DriftBaseline | None, str]:
+    """The drift baseline and the training record's line about it (``None`` and why, when there can be none).
+
+    Axes from the training embeddings, the good held-out images as the reference. ``scores`` are
+    the held-out images' calibration scores, as an unseen image gets them (leave-one-out when
+    position-normalised): scored with a norm they took part in, every live window would look
+    shifted upwards. A model without a baseline is still a model (the daemon then does not watch
+    drift), so a baseline that cannot be built never fails the fit.
+    """
+    if len(features) < MIN_BASELINE:
+        return None, f"none ({len(features)} held-out good images, {MIN_BASELINE} wanted)"
+    try:
+        baseline = DriftBaseline.fit(np.stack(train), np.stack([pooled_embedding(f) for f in features]),
+                                     np.asarray(scores))
+    except ValueError as exc:
+        return None, f"none ({exc})"
+    return baseline, baseline.describe()
 
 
 def _golden(records: list[tuple[float, Sample]], count: int) -> list[Golden]:

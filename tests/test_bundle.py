@@ -466,3 +466,14 @@ def test_archive_holding_two_bundles_is_refused(copy: Path, fitted: Fitted, tmp_
 def test_missing_bundle_directory(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="no such bundle directory"):
         load_bundle(tmp_path / "nowhere")
+
+
+# --- drift baseline -------------------------------------------------------------------------------------------------
+
+
+def test_too_few_held_out_images_ship_no_drift_baseline(fitted: Fitted) -> None:
+    """5 held-out good images: below ``MIN_BASELINE``, so the bundle says why it has none (see test_drift.py)."""
+    manifest = manifest_of(fitted.report.bundle)
+    assert manifest["drift"] is None and fitted.report.drift is None
+    assert manifest["training"]["drift"] == "none (5 held-out good images, 10 wanted)"
+    assert not any(rel.startswith("drift/") for rel in manifest["files"])

@@ -12,7 +12,7 @@ from appliance.backbone import Backbone
 from appliance.errors import ConfigError, ScorerError
 from appliance.position_norm import PositionNorm
 from appliance.scorers import SCORERS, Padim, PatchCore, create
-from appliance.scorers.patchcore_bank import locality_order, position_partitions
+from appliance.scorers.patchcore_bank import RowBuffer, locality_order, position_partitions
 
 SHAPE = (96, 128)  # H, W of the images; the patch grid is 12 x 16
 PATCHCORE = {"coreset_ratio": 0.1, "shortlist": 16}
@@ -554,3 +554,87 @@ def test_fitted_bank_is_in_locality_order(patchcore: PatchCore) -> None:
     flat = patchcore.shortlist.reshape(-1)
     _, first = np.unique(flat[flat >= 0], return_index=True)
     assert (np.diff(first) > 0).all()  # row r is first used after row r - 1
+
+
+# --- learning live (operator feedback) -------------------------------------------------------------------------------
+
+
+def state_arrays(scorer: PatchCore) -> dict[str, np.ndarray]:
+    return scorer.state()[0]
+
+
+def test_learned_rows_go_into_the_buffers_in_place(patchcore: PatchCore, case: Case) -> None:
+    scorer = clone(patchcore)
+    bank, graph = scorer.bank, scorer.graph
+    growth = scorer.learn_rows(case.odd_good, scorer.coverage_radius)
+    n = growth.rows.shape[0]
+    assert n > 1 and growth.image_score == scorer.score(case.odd_good)[1]
+    scorer.add_rows(growth.rows, growth.positions, (1, 12, 16))
+    assert np.shares_memory(scorer.bank, bank) and np.shares_memory(scorer.graph, graph)  # nothing copied
+    np.testing.assert_array_equal(scorer.bank[: bank.shape[0]], bank)
+    np.testing.assert_array_equal(scorer.bank[bank.shape[0]:], growth.rows.astype(np.float32))
+    assert scorer.learned_rows == n and scorer.index.ntotal == scorer.hnsw.ntotal == bank.shape[0] + n
+    assert (scorer.graph[bank.shape[0]:, 0] >= 0).all() and scorer.graph.max() < scorer.bank.shape[0]
+
+
+def test_the_same_rows_give_the_same_state_bit_for_bit_and_rebased_drops_them(patchcore: PatchCore,
+                                                                              case: Case) -> None:
+    """What forget and replay rely on: more than one HNSW chunk of rows, added twice, then taken away."""
+    live, replay = clone(patchcore), clone(patchcore)
+    growth = live.learn_rows(case.odd_good, live.coverage_radius * 0.3)
+    assert growth.rows.shape[0] > 64  # more than one chunk
+    for scorer in (live, replay):
+        scorer.add_rows(growth.rows, growth.positions, (1, 12, 16))
+    a, b = state_arrays(live), state_arrays(replay)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for f in case.good + case.extra:
+        assert live.score(f)[1] == replay.score(f)[1]
+    base = live.rebased()
+    assert base.learned_rows == 0 and base.bank.shape == patchcore.bank.shape
+    for name, value in state_arrays(patchcore).items():
+        np.testing.assert_array_equal(state_arrays(base)[name], value, err_msg=name)
+    for f in case.good + case.extra + [case.odd_good]:
+        assert base.score(f)[1] == patchcore.score(f)[1]
+
+
+def test_learning_brings_the_normalised_score_below_the_limit_highest_patch_first(patchcore: PatchCore,
+                                                                                  case: Case) -> None:
+    scorer = clone(patchcore)
+    norm = good_norm(scorer, case)
+    patches, before = scorer.score(case.odd_good, norm)
+    limit = before - 0.5 * (before - float(np.median(patches)))
+    growth = scorer.learn_rows(case.odd_good, limit, norm)
+    assert growth.image_score == before and growth.rows.shape[0] >= 1
+    assert growth.positions[0] == int(np.argmax(patches))  # the highest normalised patch first
+    scorer.add_rows(growth.rows, growth.positions, (1, 12, 16))
+    assert scorer.score(case.odd_good, norm)[1] < limit
+    assert scorer.learn_rows(case.odd_good, limit, norm).rows.shape[0] == 0
+
+
+def test_learning_past_max_learned_rows_is_refused(patchcore: PatchCore, case: Case) -> None:
+    scorer = clone(patchcore, max_learned_rows=3)
+    assert scorer.learn_capacity() == 3
+    with pytest.raises(ScorerError, match=r"the bank delta is full: .* a rebuild is due"):
+        scorer.learn_rows(case.odd_good, scorer.coverage_radius * 0.5, budget=scorer.learn_capacity())
+    assert clone(patchcore).learn_capacity() == 1000  # 5 % of this small bank is below the floor
+    with pytest.raises(ConfigError, match="max_learned_rows must be >= 0"):
+        create("patchcore", PATCHCORE | {"max_learned_rows": -1})
+
+
+def test_padim_refuses_to_learn_live_and_says_why(padim: Padim, case: Case) -> None:
+    for call in (padim.learn_capacity, lambda: padim.learn_rows(case.good[0], 1.0), padim.rebased):
+        with pytest.raises(ScorerError, match="PaDiM learns at the next rebuild: it keeps, for every position"):
+            call()
+
+
+def test_row_buffer_appends_in_place_and_doubles_when_full() -> None:
+    rows = RowBuffer(np.arange(6, dtype=np.float32).reshape(3, 2), np.float32, 2)
+    first = rows.rows
+    grown = rows.append(np.full((2, 2), 7, np.float32))
+    assert np.shares_memory(first, grown) and grown.shape == (5, 2) and grown.flags.c_contiguous
+    bigger = rows.append(np.full((4, 2), 8, np.float32))  # past the room: one copy into twice the buffer
+    assert not np.shares_memory(grown, bigger) and bigger.shape == (9, 2)
+    np.testing.assert_array_equal(bigger[:5], grown)
+    np.testing.assert_array_equal(first, np.arange(6).reshape(3, 2))  # an old view is never changed

@@ -41,16 +41,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from sqlite_utils import Database
 
 from ..errors import AuditError
 from .audit_db import (
     DELIVERY_STATUSES,
+    AuditConfig,
     abandon_pending,
     event_row,
     iso_utc,
@@ -59,63 +58,17 @@ from .audit_db import (
     retain,
     unclean_previous_run,
 )
+from .audit_ops import Call as _Call
+from .audit_ops import Delivered as _Delivered
+from .audit_ops import Event as _Event
+from .audit_ops import Op as _Op
+from .audit_ops import Record as _Record
+from .audit_ops import Then, read_spills, spill
 from .records import Inspection
 
 log = logging.getLogger(__name__)
 
 
-class AuditConfig(BaseModel):
-    """The ``audit`` section of the daemon config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    path: Path | None = Field(None, description="audit database file (default: <state_dir>/audit.db)")
-    synchronous: Literal["full", "normal"] = Field(
-        "full", description="SQLite synchronous level: full survives power loss, normal only a crash")
-    retention_days: float = Field(90.0, gt=0, description="inspections and events older than this are deleted")
-    max_mb: float = Field(2048.0, gt=0, description="above this size the oldest inspections are deleted")
-    batch: int = Field(256, ge=1, le=100_000, description="most records committed in one transaction")
-
-    def resolve_path(self, state_dir: Path) -> Path:
-        """The database file: ``path`` if set, else ``<state_dir>/audit.db``."""
-        return self.path if self.path is not None else Path(state_dir) / "audit.db"
-
-
-#: Called once per record after its transaction: ``True`` committed, ``False`` kept in the backlog.
-Then = Callable[[bool], None]
-#: Spill files of records the log could not write before it closed: ``audit-spill-<run id>.jsonl``.
-SPILL_GLOB = "audit-spill-*.jsonl"
-
-
-@dataclass(slots=True)
-class _Record:
-    row: dict[str, Any]
-    deliveries: list[dict[str, Any]]
-    then: Then | None
-
-
-@dataclass(slots=True)
-class _Delivered:
-    inspection_id: str
-    output: str
-    status: str
-    detail: str | None
-    at: float
-
-
-@dataclass(slots=True)
-class _Event:
-    row: dict[str, Any]
-
-
-@dataclass(slots=True)
-class _Call:
-    """Run ``fn(db)`` on the writer thread after everything queued before it."""
-
-    fn: Callable[[Database], Any]
-    future: Future
-
-
-_Op = _Record | _Delivered | _Event
 _STOP = object()
 
 
@@ -135,7 +88,8 @@ class Recorder:
             raise ValueError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.path = Path(path)
         self.run_id = run_id or os.urandom(4).hex()
-        #: output -> inspections column naming the file it writes; cleared when that delivery is not made
+        #: output -> inspections column naming the file it writes (its delivery's detail when ``sent``);
+        #: cleared when that delivery is dropped or failed
         self.artifacts = dict(artifacts or {})
         self.spill_dirs = [self.path.parent, *(Path(d) for d in spill_dirs)]
         self.synchronous = synchronous
@@ -261,6 +215,15 @@ class Recorder:
         """Queue an event row (``start``, ``reload``, ``camera_lost``, ...); ``data`` is stored as JSON."""
         self._put(_Event(event_row(kind, camera, detail, data, run_id=self.run_id)))
 
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of a read-only query on the reader connection (never blocks the writer)."""
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = open_reader(self.path)
+            cursor = self._reader.execute(sql, list(params))
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def pending(self, output: str, limit: int = 1000, after: int = 0) -> list[dict[str, Any]]:
         """The outbox of ``output``: its ``pending`` deliveries (row ``id`` above ``after``), oldest first.
 
@@ -309,6 +272,32 @@ class Recorder:
     def prune(self, timeout: float = 60.0) -> dict[str, int]:
         """Run a retention pass now (on the writer thread) and return what it deleted."""
         return self.on_writer(lambda db: self._retain(), timeout)
+
+    def forget_frames(self, paths: Sequence[str]) -> None:
+        """The frame store deleted these files: rows no longer name them (queued; returns at once)."""
+        paths = list(paths)
+
+        def forget(db: Database) -> None:
+            with db.atomic():
+                for i in range(0, len(paths), 500):
+                    chunk = paths[i:i + 500]
+                    db.execute(f"UPDATE inspections SET frame = NULL WHERE frame IN ({','.join('?' * len(chunk))})",
+                               chunk)
+
+        self.later(forget)
+
+    def later(self, fn: Callable[[Database], Any]) -> None:
+        """Run ``fn(db)`` on the writer thread after what is queued, without waiting for it (errors are logged)."""
+        future: Future = Future()
+        future.add_done_callback(lambda f: f.exception() and log.error("audit: %s", f.exception()))
+        if threading.current_thread() is self._thread:
+            self._own.append(_Call(fn, future))
+            return
+        with self._put_lock:
+            if self._thread is None or self._closed:
+                log.warning("audit log closed: a maintenance update was not done")
+                return
+            self._queue.put(_Call(fn, future))
 
     def nudge(self) -> None:
         """Retry a failing write with the next operation (free space came back), not at the next backoff step."""
@@ -500,6 +489,8 @@ class Recorder:
         column = self.artifacts.get(op.output)
         if column is not None and op.status in ("dropped", "failed"):  # the file was never written
             db.execute(f"UPDATE inspections SET {column} = NULL WHERE id = ?", [op.inspection_id])
+        elif column is not None and op.status == "sent" and op.detail:  # the file it wrote
+            db.execute(f"UPDATE inspections SET {column} = ? WHERE id = ?", [op.detail, op.inspection_id])
         # No sqlite-utils API updates by a non-primary key with an increment.
         n = db.execute("UPDATE deliveries SET status = ?, delivered_at = ?, attempts = attempts + 1, detail = ? "
                        "WHERE inspection_id = ? AND output = ?",
@@ -573,67 +564,27 @@ class Recorder:
     # --- what could not be written before closing ---------------------------------------------
 
     def _spill(self) -> None:
-        """Keep the unwritten backlog in a JSON-lines file (the first folder that takes it) for the next start."""
-        lines = []
-        for op in self._backlog:
-            if isinstance(op, _Record):
-                lines.append({"record": op.row, "deliveries": op.deliveries})
-            elif isinstance(op, _Delivered):
-                lines.append({"delivered": [op.inspection_id, op.output, op.status, op.detail, op.at]})
-            else:
-                lines.append({"event": op.row})
-        text = "".join(json.dumps(line, default=str) + "\n" for line in lines)
-        name = f"audit-spill-{self.run_id}.jsonl"
-        for folder in self.spill_dirs:
-            target = folder / name
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{name}.tmp"
-                with tmp.open("w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    (folder / f".{name}.tmp").unlink()
-                log.warning("audit: cannot spill to %s: %s", folder, exc)
-                continue
+        """Keep the unwritten backlog in a spill file for the next start, or say what is lost."""
+        n = len(self._backlog)
+        target = spill(list(self._backlog), self.spill_dirs, self.run_id)
+        if target is not None:
             log.error("audit log closed with %d operations unwritten (%s); kept in %s, written at the next start",
-                      len(lines), self.last_error, target)
+                      n, self.last_error, target)
             self._backlog.clear()
             return
         ids = [op.row["id"] for op in self._backlog if isinstance(op, _Record)]
         log.error("audit log closed with %d operations never written and nowhere to keep them (%s); inspections "
-                  "lost from the audit: %d, ids %s .. %s", len(lines), self.last_error, len(ids),
+                  "lost from the audit: %d, ids %s .. %s", n, self.last_error, len(ids),
                   ids[0] if ids else "-", ids[-1] if ids else "-")
 
     def _write_spills(self) -> None:
         """Write what earlier runs spilled, then delete their files; audited as ``audit_spill_written``."""
-        seen = set()
-        for folder in self.spill_dirs:
-            for path in sorted(folder.glob(SPILL_GLOB)) if folder.is_dir() else []:
-                if path.resolve() in seen:
-                    continue
-                seen.add(path.resolve())
-                ops: list[_Op] = []
-                bad = 0
-                for line in path.read_text(errors="replace").splitlines():
-                    try:
-                        item = json.loads(line)
-                        if "record" in item:
-                            ops.append(_Record(item["record"], item["deliveries"], None))
-                        elif "delivered" in item:
-                            ops.append(_Delivered(*item["delivered"]))
-                        else:
-                            ops.append(_Event(item["event"]))
-                    except (ValueError, KeyError, TypeError):
-                        bad += 1  # a line cut short when the spill itself was interrupted
-                records = sum(isinstance(op, _Record) for op in ops)
-                self._write([*ops, _Event(event_row(
-                    "audit_spill_written", detail=f"{records} inspections and {len(ops) - records} other operations "
-                    f"that a run could not write before it stopped, written from {path}",
-                    data={"file": str(path), "records": records, "operations": len(ops), "unreadable_lines": bad},
-                    run_id=self.run_id))])
-                path.unlink()
-                log.warning("audit: wrote %d operations spilled to %s by an earlier run", len(ops), path)
+        for path, ops, bad in read_spills(self.spill_dirs):
+            records = sum(isinstance(op, _Record) for op in ops)
+            self._write([*ops, _Event(event_row(
+                "audit_spill_written", detail=f"{records} inspections and {len(ops) - records} other operations "
+                f"that a run could not write before it stopped, written from {path}",
+                data={"file": str(path), "records": records, "operations": len(ops), "unreadable_lines": bad},
+                run_id=self.run_id))])
+            path.unlink()
+            log.warning("audit: wrote %d operations spilled to %s by an earlier run", len(ops), path)

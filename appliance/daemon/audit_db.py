@@ -15,14 +15,15 @@ import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlite_utils import Database
 
 from ..errors import AuditError
 
 #: ``PRAGMA user_version`` of the schema this module writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: What ``Recorder.delivered()`` may set; ``pending`` keeps the row in the outbox (an attempt that failed).
 DELIVERY_STATUSES = ("sent", "skipped", "failed", "dropped", "pending")
 _RETENTION_CHUNK = 500  # most inspections deleted per transaction by the size limit
@@ -31,7 +32,13 @@ _INSPECTION_COLUMNS: dict[str, type] = {
     "id": str, "time": str, "camera": str, "seq": int, "trigger_id": str, "captured_at": float,
     "finished_at": float, "verdict": str, "score": float, "raw_score": float, "threshold": float,
     "threshold_source": str, "error": str, "model_id": str, "bank_hash": str, "source": str,
-    "image_sha256": str, "overlay_path": str, "latency_ms": str, "file_sha256": str, "run_id": str,
+    "image_sha256": str, "overlay_path": str, "latency_ms": str, "file_sha256": str, "run_id": str, "frame": str,
+}
+#: Operator labels: one row per label, undone ones kept (``undone_at``); ``learned`` is what the model took from it.
+_LABEL_COLUMNS: dict[str, type] = {
+    "id": str, "inspection_id": str, "camera": str, "label": str, "note": str, "who": str, "at": float, "time": str,
+    "verdict": str, "score": float, "threshold": float, "model_id": str, "frame": str, "learned": str,
+    "undone_at": float, "undone_by": str, "run_id": str,
 }
 # sqlite-utils has no public AUTOINCREMENT option; AUTOINCREMENT keeps ids (= send order)
 # from ever being reused after retention deletes the newest rows.
@@ -46,6 +53,22 @@ _DELIVERIES_SQL = """CREATE TABLE deliveries (
     attempts INTEGER NOT NULL DEFAULT 0,
     detail TEXT
 )"""
+
+
+class AuditConfig(BaseModel):
+    """The ``audit`` section of the daemon config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: Path | None = Field(None, description="audit database file (default: <state_dir>/audit.db)")
+    synchronous: Literal["full", "normal"] = Field(
+        "full", description="SQLite synchronous level: full survives power loss, normal only a crash")
+    retention_days: float = Field(90.0, gt=0, description="inspections and events older than this are deleted")
+    max_mb: float = Field(2048.0, gt=0, description="above this size the oldest inspections are deleted")
+    batch: int = Field(256, ge=1, le=100_000, description="most records committed in one transaction")
+
+    def resolve_path(self, state_dir: Path) -> Path:
+        """The database file: ``path`` if set, else ``<state_dir>/audit.db``."""
+        return self.path if self.path is not None else Path(state_dir) / "audit.db"
 
 
 def iso_utc(ts: float) -> str:
@@ -123,6 +146,7 @@ def _create_schema(db: Database) -> None:
                    "run_id": str}, pk="id", not_null={"at", "time", "kind"})
     events.create_index(["at"])
     events.create_index(["kind", "at"])
+    _v3_frames_and_labels(db, new=True)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
@@ -133,8 +157,19 @@ def _v2_runs_and_file_hashes(db: Database) -> None:
     db["events"].add_column("run_id", str)
 
 
+def _v3_frames_and_labels(db: Database, new: bool = False) -> None:
+    """Version 3: inspections name the frame kept in the frame store; operator labels have their table."""
+    if not new:
+        db["inspections"].add_column("frame", str)
+    db["inspections"].create_index(["frame"])
+    labels = db["labels"]
+    labels.create(_LABEL_COLUMNS, pk="id", not_null={"inspection_id", "camera", "label", "who", "at", "time"})
+    labels.create_index(["inspection_id"])
+    labels.create_index(["camera", "at"])
+
+
 #: ``MIGRATIONS[v - 1]`` takes a file from schema ``v`` to ``v + 1``.
-MIGRATIONS = [_v2_runs_and_file_hashes]
+MIGRATIONS = [_v2_runs_and_file_hashes, _v3_frames_and_labels]
 
 
 def open_reader(path: Path) -> Database:

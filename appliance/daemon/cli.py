@@ -1,4 +1,4 @@
-"""The daemon's commands: run, config, status, reload, threshold, trigger, doctor and audit.
+"""The daemon's commands: run, config, status, reload, threshold, trigger, label, drift, dataset, doctor, audit.
 
 ``run`` is the service itself (systemd starts it); the others talk to it over the control
 socket, or read its config and audit log. Every one has ``--json`` where it prints data, and
@@ -26,6 +26,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 SocketOption = Annotated[Path | None, typer.Option(help="control socket (default: the config's [control].socket)")]
 
 config_app = typer.Typer(no_args_is_help=True, help="Check the daemon's config file or print a commented example.")
+dataset_app = typer.Typer(no_args_is_help=True, help="Datasets from the frames the appliance kept on the line.")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -167,6 +168,66 @@ def trigger(camera: Annotated[str, typer.Argument(help="camera id (trigger mode 
     _print(result, as_json, f"{camera}: triggered{f' ({trigger_id})' if trigger_id else ''}")
 
 
+def label(inspection: Annotated[str, typer.Argument(help="inspection id (or, with --undo, a label id)")],
+          verdict: Annotated[str | None, typer.Argument(metavar="good|defect",
+                                                        help="good: the part was fine (a false reject when it was NG); "
+                                                             "defect: a confirmed defect")] = None,
+          note: Annotated[str | None, typer.Option(help="why, for the audit log")] = None,
+          who: Annotated[str, typer.Option(help="recorded in the audit log")] = os.environ.get("USER", "operator"),
+          undo: Annotated[bool, typer.Option("--undo", help="undo the label (of this inspection, or this label id)")]
+          = False,
+          config: ConfigOption = DEFAULT_CONFIG, socket: SocketOption = None, as_json: JsonOption = False) -> None:
+    """Label an inspection good or defect: a PatchCore false reject is learned at once; audited, undoable."""
+    if undo:
+        key = "label_id" if inspection.startswith("L") else "inspection"
+        result = _request(config, socket, {"cmd": "unlabel", key: inspection, "who": who})
+        _print(result, as_json, f"label {result['label_id']} of inspection {result['inspection']} undone"
+               + (f"; {result['removed_rows']} learned rows removed from the bank" if result["removed_rows"] else ""))
+        return
+    if verdict not in ("good", "defect"):
+        raise typer.BadParameter(f"the label is 'good' or 'defect', got {verdict!r}")
+    result = _request(config, socket, {"cmd": "label", "inspection": inspection, "label": verdict, "note": note,
+                                       "who": who})
+    lines = [f"inspection {result['inspection']} labelled {result['label']} "
+             f"({result.get('kind', '').replace('_', ' ')}) as {result['label_id']}"]
+    learned = result.get("learned")
+    if learned:
+        lines.append(f"the memory bank learned {learned['rows']} patches: this frame scores "
+                     f"{learned['score_before']:.3f} -> {learned['score_after']:.3f} (in {learned['ms']:.0f} ms)")
+    if result.get("note"):
+        lines.append(result["note"])
+    if result.get("threshold"):
+        t = result["threshold"]
+        lines.append(f"threshold recalibrated from the labels: {t['previous']} -> {t['threshold']}")
+    _print(result, as_json, "\n".join(lines))
+
+
+def drift(camera: Annotated[str | None, typer.Option(help="only this camera")] = None,
+          config: ConfigOption = DEFAULT_CONFIG, socket: SocketOption = None, as_json: JsonOption = False) -> None:
+    """Each camera's drift watch: state, the last window's p-values, and the recent windows."""
+    import time
+
+    result = _request(config, socket, {"cmd": "drift", "camera": camera})
+    lines = []
+    for cam, d in result.items():
+        head = f"camera {cam}: {d['state'].upper() if d['state'] == 'drift' else d['state']}"
+        if d.get("detail"):
+            head += f" ({d['detail']})"
+        if d["state"] not in ("off", "no_baseline"):
+            head += (f", {d['windows']} windows tested, {d['frames_in_window']} frames in this one, next test in "
+                     f"{d['next_test_in_s']:.0f} s")
+        lines.append(head)
+        last = d.get("last")
+        if last:
+            lines.append(f"  last window: {last['size']} frames, p {last['p_value']:.3g} (scores "
+                         f"{last['score_p']:.3g}, embedding {last['embedding_p']:.3g}), score shift "
+                         f"{last['score_shift']:+.3g}, component {last['component']} shift "
+                         f"{last['component_shift']:+.2f} sd")
+        for h in d.get("history", [])[-10:]:
+            lines.append(f"  {time.strftime('%Y-%m-%d %H:%M', time.localtime(h['at']))}  {h['kind']:<13} {h['detail']}")
+    _print(result, as_json, "\n".join(lines) or "no cameras")
+
+
 def doctor(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
            golden: Annotated[bool, typer.Option(help="also score each bundle's golden images")] = True) -> None:
     """Check sources, bundles, output endpoints, disk space and folders; exit 1 if anything fails."""
@@ -189,11 +250,50 @@ def doctor(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
         raise typer.Exit(1)
 
 
+@dataset_app.command("export")
+def dataset_export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="a new folder for the dataset (MVTec layout)")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    camera: Annotated[str | None, typer.Option(help="only this camera")] = None,
+    since: Annotated[str | None, typer.Option(help="from this time on: 2024-05-01, ...T08:00, or an age: 2h, 7d")]
+    = None,
+    until: Annotated[str | None, typer.Option(help="before this time")] = None,
+    label: Annotated[str | None, typer.Option(help="only frames labelled good or defect, or none (unlabelled)")]
+    = None,
+    verdict: Annotated[str | None, typer.Option(help="only ok, ng or error")] = None,
+    holdout: Annotated[int, typer.Option(help="every N-th good frame goes to test/good (0: none)", min=0)] = 5,
+) -> None:
+    """Write stored frames as an MVTec folder (train/good, test/good, test/defect) that `appliance fit` takes."""
+    from .audit_query import parse_time
+    from .config import load_config
+    from .dataset_export import export
+    from .publishers.frames import FramesConfig
+
+    if label not in (None, "good", "defect", "none"):
+        raise typer.BadParameter(f"--label must be good, defect or none, got {label!r}")
+    if verdict not in (None, "ok", "ng", "error"):
+        raise typer.BadParameter(f"--verdict must be ok, ng or error, got {verdict!r}")
+    try:
+        cfg = load_config(config)
+        frames = next((o for o in cfg.outputs if isinstance(o, FramesConfig)), None)
+        store = frames.dir if frames is not None and frames.dir is not None else cfg.paths.state / "frames"
+        counts = export(cfg.audit.resolve_path(cfg.paths.state), store, out, camera=camera,
+                        since=parse_time(since), until=parse_time(until, end=True), label=label, verdict=verdict,
+                        holdout=holdout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except ApplianceError as exc:
+        _fail(str(exc), 1)
+    typer.echo(f"wrote {sum(counts.values())} frames to {out}: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
 def register(app: typer.Typer) -> None:
     """Add the daemon's commands to the ``appliance`` command line."""
     app.command()(run)
     app.add_typer(config_app, name="config")
-    for command in (status, reload, trigger, doctor, audit):
+    app.add_typer(dataset_app, name="dataset")
+    for command in (status, reload, trigger, label, drift, doctor, audit):
         app.command()(command)
     # A negative VALUE ("-0.1") must reach the range check, not be taken for an option.
     app.command(context_settings={"ignore_unknown_options": True})(threshold)

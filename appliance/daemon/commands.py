@@ -87,6 +87,40 @@ class BundleCommand(_Command):
     who: str = _WHO
 
 
+class LabelCommand(_Command):
+    """An operator's label on an inspection: ``good`` (a false reject) or ``defect`` (a confirmed defect).
+
+    A PatchCore false reject goes into the live memory bank at once; every label feeds the
+    threshold rule; the label is an audit row and can be undone (``unlabel``).
+    """
+
+    cmd: Literal["label"] = "label"
+    inspection: str = Field(min_length=1, max_length=64, description="the inspection id")
+    camera: str | None = Field(None, min_length=1, max_length=64,
+                               description="if given, the inspection must be this camera's (MQTT, Modbus say it)")
+    label: Literal["good", "defect"]
+    note: str | None = Field(None, max_length=500, description="why, for the audit log")
+    who: str = _WHO
+
+
+class UnlabelCommand(_Command):
+    """Undo a label (by its id, or the inspection's active label): what the model learned from it is removed."""
+
+    cmd: Literal["unlabel"] = "unlabel"
+    label_id: str | None = Field(None, min_length=1, max_length=64, description="the label's id")
+    camera: str | None = Field(None, min_length=1, max_length=64,
+                               description="if given, the label must be of this camera's inspection")
+    inspection: str | None = Field(None, min_length=1, max_length=64, description="or the inspection id")
+    who: str = _WHO
+
+
+class DriftCommand(_Command):
+    """The drift watch of every camera (or one): state, last window's statistics, history."""
+
+    cmd: Literal["drift"] = "drift"
+    camera: str | None = Field(None, min_length=1, max_length=64)
+
+
 class StallCommand(_Command):
     """Fault injection for tests (only with ``APPLIANCE_FAULT_INJECTION=1``): hold a camera's inference."""
 
@@ -96,10 +130,11 @@ class StallCommand(_Command):
 
 
 Command = Annotated[StatusCommand | ReloadCommand | ThresholdCommand | TriggerCommand | EnableCommand
-                    | BundleCommand | StallCommand, Field(discriminator="cmd")]
+                    | BundleCommand | LabelCommand | UnlabelCommand | DriftCommand | StallCommand,
+                    Field(discriminator="cmd")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)
 #: Command names, in the order they are documented.
-NAMES = ("status", "reload", "threshold", "trigger", "enable", "bundle")
+NAMES = ("status", "reload", "threshold", "trigger", "enable", "bundle", "label", "unlabel", "drift")
 
 
 def load_json(payload: bytes | str, limit: int = MAX_COMMAND_BYTES) -> Any:

@@ -21,9 +21,11 @@ from ..errors import ConfigError
 from .audit import AuditConfig
 from .defaults import DEFAULT_CACHE, DEFAULT_SOCKET, DEFAULT_STATE
 from .disk import DiskConfig
+from .drift_watch import DriftConfig
 from .metrics import MetricsConfig
 from .publishers import PUBLISHERS
 from .sources import SOURCES
+from .threshold_rule import LearningConfig
 from .thresholds import ThresholdsConfig, TimeZoneName
 
 _CAMERA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -166,6 +168,9 @@ class DaemonConfig(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the SQLite audit log (and outbox)")
     disk: DiskConfig = Field(default_factory=DiskConfig, description="the free-space floor of file-writing outputs")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics")
+    learning: LearningConfig = Field(default_factory=LearningConfig,
+                                     description="what operator labels change: the memory bank and thresholds")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="the drift watch of every camera")
     outputs: list[_output_union()] = Field(default_factory=list,  # type: ignore[valid-type]
                                            description="outputs; each [[outputs]] table has a 'type'")
     cameras: list[Camera] = Field(min_length=1, description="the cameras; each [[cameras]] table is one")

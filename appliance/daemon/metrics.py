@@ -55,6 +55,9 @@ class StatusCollector(Collector):
         up = GaugeMetricFamily(f"{_PREFIX}_camera_up", "1 while the camera's source is running", labels=["camera"])
         ready = GaugeMetricFamily(f"{_PREFIX}_camera_ready", "1 while a PLC may act on the camera's results",
                                   labels=["camera"])
+        drift = GaugeMetricFamily(f"{_PREFIX}_drift", "1 while the camera's drift alarm is raised", labels=["camera"])
+        drift_p = GaugeMetricFamily(f"{_PREFIX}_drift_p_value", "p-value of the camera's last drift window",
+                                    labels=["camera"])
         for cam, c in s.cameras.items():
             for verdict, n in c.counts.items():
                 inspections.add_metric([cam, verdict], n)
@@ -63,7 +66,10 @@ class StatusCollector(Collector):
             depth.add_metric([cam], c.queue_depth)
             up.add_metric([cam], 1.0 if c.state == "running" else 0.0)
             ready.add_metric([cam], 1.0 if c.ready else 0.0)
-        yield from (inspections, drops, fps, depth, up, ready)
+            drift.add_metric([cam], 1.0 if c.drift.get("state") == "drift" else 0.0)
+            if (c.drift.get("last") or {}).get("p_value") is not None:
+                drift_p.add_metric([cam], c.drift["last"]["p_value"])
+        yield from (inspections, drops, fps, depth, up, ready, drift, drift_p)
         delivered = CounterMetricFamily(f"{_PREFIX}_output_records", "records by output and outcome",
                                         labels=["output", "outcome"])
         backlog = GaugeMetricFamily(f"{_PREFIX}_output_backlog", "records waiting for an output", labels=["output"])

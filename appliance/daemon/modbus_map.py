@@ -47,7 +47,7 @@ class Status(IntEnum):
     BUFFER_OVERRUN = 32
     ERROR = 64
     MODEL_LOADED = 128
-    DRIFT = 256  # reserved: always 0 until drift detection exists
+    DRIFT = 256  # the camera's drift watch has raised a drift (see docs/daemon.md)
     TRIGGER_ENABLED = 512
     INSPECTION_ENABLED = 1024
 
@@ -82,6 +82,8 @@ class Command(IntEnum):
     DISABLE = 2  # triggers refused, free-run frames not inspected
     BUNDLE_SLOT = 3  # ARG0: slot number configured in the camera's `slots`
     THRESHOLD = 4  # ARG0: threshold x1000 (500 = 0.5); 65535 clears the operator threshold
+    LABEL = 5  # ARG0: a ResultID of the last 256 results; ARG1: 1 good (a false reject), 2 defect
+    UNLABEL = 6  # ARG0: a ResultID of the last 256 results: undo its label
 
 
 class Exc(IntEnum):
@@ -304,6 +306,10 @@ class CameraMap:
         elif before is not None and self.inputs[IR_ERROR_CODE] == int(before):
             self.inputs[IR_ERROR_CODE] = self.inputs[IR_ERROR_CAUSE] = 0
             self._set(Status.ERROR, False)
+
+    def set_drift(self, raised: bool) -> None:
+        """The Drift bit follows the camera's drift alarm (raised and cleared by the drift watch's hysteresis)."""
+        self._set(Status.DRIFT, raised)
 
     def beat(self) -> None:
         """The appliance's heartbeat counter (the PLC watches it change)."""

@@ -1,9 +1,11 @@
-"""Operator thresholds: set at run time (CLI, MQTT, Modbus, OPC UA), kept across restarts, audited.
+"""Operator and learned thresholds: set at run time, kept across restarts, audited.
 
 A small JSON file in the state folder (``thresholds.json``, replaced atomically) holds, per camera,
-``{"camera": float | None, "shifts": {name: float}}``; ``thresholds.resolve`` combines it with the
-config's schedule into the threshold in force for a frame. Every change is an audit event with the
-overrides before and after, who asked, and the threshold in force at once.
+the operator's overrides (CLI, MQTT, Modbus, OPC UA) and the thresholds recalibrated from labels
+(``threshold_rule``), each ``{"camera": float | None, "shifts": {name: float}}``; ``thresholds.resolve``
+combines them with the config's schedule into the threshold in force for a frame (an operator's
+value pins it: nothing learned overrides it). Every change is an audit event with the values before
+and after, who or what asked, and the threshold in force at once.
 """
 
 from __future__ import annotations
@@ -37,13 +39,44 @@ class ThresholdStore:
         self._event = event
         self.path = Path(config.paths.state) / FILE
         self._lock = threading.Lock()
-        self._overrides: dict[str, dict[str, Any]] = self._load()
+        self._overrides, self._learned = self._load()
 
     def threshold_for(self, camera: str, when: float) -> tuple[float, str]:
         """The threshold in force for a frame of ``camera`` captured at ``when``, and where it comes from."""
         with self._lock:
-            overrides = self._overrides.get(camera)
-        return tuple(resolve(self.config.camera(camera).thresholds, self.tz, when, overrides))
+            overrides, learned = self._overrides.get(camera), self._learned.get(camera)
+        return tuple(resolve(self.config.camera(camera).thresholds, self.tz, when, overrides, learned))
+
+    def pinned(self, camera: str, shift: str | None) -> bool:
+        """Whether an operator's own threshold is in force there (the label rule then leaves it alone)."""
+        with self._lock:
+            o = self._overrides.get(camera) or {}
+        return o.get("camera") is not None or (shift is not None and (o.get("shifts") or {}).get(shift) is not None)
+
+    def learned(self, camera: str, shift: str | None) -> float | None:
+        """The threshold learned from labels for the camera (or one of its shifts), if any."""
+        with self._lock:
+            layer = self._learned.get(camera) or {}
+        return (layer.get("shifts") or {}).get(shift) if shift is not None else layer.get("camera")
+
+    def set_learned(self, camera: str, shift: str | None, value: float, why: dict[str, Any]) -> None:
+        """A threshold recalibrated from labels (``threshold_rule``): kept, and audited with the labels it came from."""
+        cam = self.config.camera(camera)
+        with self._lock:
+            before = self._learned.get(camera)
+            layer = {"camera": (before or {}).get("camera"), "shifts": dict((before or {}).get("shifts") or {})}
+            if shift is None:
+                layer["camera"] = value
+            else:
+                layer["shifts"][shift] = value
+            self._learned[camera] = check_overrides(layer, cam.thresholds)
+            self._save()
+        value_now, source = self.threshold_for(camera, time.time())
+        scope = f"shift {shift}" if shift else "camera"
+        self._event("threshold_learned", camera, f"{scope} threshold learned from {len(why.get('label_ids', []))} "
+                    f"labels: {why.get('previous')} -> {value:g}; in force {value_now:g} ({source})",
+                    {"before": before, "after": self._learned[camera], "in_force": value_now, "source": source,
+                     "shift": shift, **why})
 
     def set(self, camera: str, value: float | None, shift: str | None = None, who: str = "operator"
             ) -> dict[str, Any]:
@@ -77,15 +110,20 @@ class ThresholdStore:
         self.config = config
         with self._lock:
             self._overrides = self._checked(self._overrides)
+            self._learned = self._checked(self._learned)
 
-    def _load(self) -> dict[str, dict[str, Any]]:
+    def _load(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """``(operator overrides, learned)`` from the file; the file of an older version holds overrides only."""
         if not self.path.exists():
-            return {}
+            return {}, {}
         try:
-            return self._checked(json.loads(self.path.read_text()))
+            data = json.loads(self.path.read_text())
+            if set(data) <= {"operator", "learned"} and data:
+                return self._checked(data.get("operator") or {}), self._checked(data.get("learned") or {})
+            return self._checked(data), {}
         except (ValueError, ApplianceError, AttributeError, OSError) as exc:
             self._event("error", None, f"operator thresholds in {self.path} ignored: {exc}", None)
-            return {}
+            return {}, {}
 
     def _checked(self, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
         known = {c.id: c for c in self.config.cameras}
@@ -102,7 +140,8 @@ class ThresholdStore:
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(self._overrides, indent=2, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps({"operator": self._overrides, "learned": self._learned}, indent=2,
+                                      sort_keys=True) + "\n")
             os.replace(tmp, self.path)
         except OSError as exc:
             raise ConfigError(f"cannot keep the operator threshold in {self.path}: {exc.strerror or exc}; it "

@@ -67,7 +67,9 @@ class _Job:
 
 
 def engine_identity(engine: Engine) -> tuple[str, str]:
-    """``(model id, bank hash)``: the bank hash is over the scorer's stored arrays (memory bank or Gaussians)."""
+    """``(model id, bank hash)``: the bank hash covers the scorer's stored arrays and what operators taught it."""
+    if hasattr(engine, "bank_identity"):
+        return engine.model_id, engine.bank_identity()
     files = (engine.manifest or {}).get("files", {})
     digests = sorted(rec["sha256"] for name, rec in files.items() if name.startswith("scorer/"))
     return engine.model_id, hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
@@ -80,7 +82,6 @@ class CameraPipeline:
                  on_state: Callable[[str, str, str], None], depth: int = 2) -> None:
         self.camera = camera
         self.engine = engine
-        self._identity = engine_identity(engine)
         self._threshold_for = threshold_for
         self._sink = sink
         self._on_state = on_state
@@ -264,7 +265,6 @@ class CameraPipeline:
             with self._cond:
                 if self._next_engine is not None and not self._in_engine:
                     self.engine, self._next_engine = self._next_engine, None
-                    self._identity = engine_identity(self.engine)
                 if self._draining and not self._queue and not self._in_engine:
                     return
             try:
@@ -295,7 +295,7 @@ class CameraPipeline:
     # ------------------------------------------------------------ results
     def _emit_prediction(self, job: _Job, pred: Prediction) -> None:
         engine = job.engine or self.engine
-        model_id, bank_hash = engine_identity(engine) if engine is not self.engine else self._identity
+        model_id, bank_hash = engine_identity(engine)
         finished = time.time()
         d = pred.decision
         image = pred.frame.image
@@ -310,19 +310,21 @@ class CameraPipeline:
             file_sha256=job.item.file_sha256, model_id=model_id, bank_hash=bank_hash, threshold=d.threshold,
             threshold_source=d.threshold_source, raw_score=float(score.image_score), score=float(d.score),
             verdict=NG if d.anomalous else OK, latency_ms=latency, image=image, embedding=pred.score.embedding,
+            file_data=job.item.data,
             anomaly_map=LazyMap(lambda: engine.anomaly_map(score, frame_shape=image.shape[:2], match_peak=True)))
         self._finish(record, job)
 
     def _emit_error(self, job: _Job, reason: str) -> None:
         finished = time.time()
         frame = job.item.frame
-        model_id, bank_hash = self._identity
+        model_id, bank_hash = engine_identity(self.engine)
         record = Inspection(
             id=new_inspection_id(finished), camera=self.camera.id, seq=job.order, trigger_id=job.trigger_id,
             captured_at=job.captured_at, finished_at=finished,
             source=(frame.source if frame is not None else None) or job.item.source,
             file_sha256=job.item.file_sha256, model_id=model_id, bank_hash=bank_hash, verdict=ERROR, error=reason,
-            latency_ms={"total": (finished - job.captured_at) * 1e3}, image=frame.image if frame is not None else None)
+            latency_ms={"total": (finished - job.captured_at) * 1e3}, image=frame.image if frame is not None else None,
+            file_data=job.item.data)
         self._finish(record, job)
 
     def _finish(self, record: Inspection, job: _Job) -> None:
@@ -347,7 +349,7 @@ class CameraPipeline:
 
     def status(self) -> dict[str, Any]:
         """The camera's counters and state (the daemon adds health, threshold and readiness)."""
-        model_id, bank_hash = self._identity
+        model_id, bank_hash = engine_identity(self.engine)
         with self._cond:
             in_engine = len(self._in_engine)
         return {**self.stats.snapshot(), "state": self.capture.state, "state_detail": self.capture.state_detail,

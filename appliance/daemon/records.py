@@ -84,6 +84,8 @@ class Inspection:
         anomaly_map: lazily computed normalised map in frame pixels; ``None`` for errors.
         embedding: the frame's pooled backbone embedding ``[C]`` (the engine's tap for drift
             statistics; not serialised); ``None`` for errors.
+        file_data: the image file's own bytes when the frame came from a file (what the frame store
+            keeps, losslessly and without encoding again; not serialised).
 
     """
 
@@ -109,6 +111,7 @@ class Inspection:
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     anomaly_map: LazyMap | None = field(default=None, repr=False, compare=False)
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+    file_data: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

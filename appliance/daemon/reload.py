@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from .config import Camera, DaemonConfig
 
 #: Top-level sections a reload cannot change in a running process.
-RESTART_SECTIONS = ("paths", "audit", "control", "outputs", "runtime", "timezone", "metrics", "disk")
+RESTART_SECTIONS = ("paths", "audit", "control", "outputs", "runtime", "timezone", "metrics", "disk", "learning",
+                    "drift")
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ApplianceError
 from .audit import Recorder
-from .metrics import Metrics
 from .outputs import Outputs
 from .publishers.overlay import OverlayPublisher
 from .records import ERROR, Inspection
@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 class ResultFlow:
     """The sink of every camera pipeline: audit, outputs, metrics, the source's ``done``."""
 
-    def __init__(self, recorder: Recorder, outputs: Outputs, metrics: Metrics | None = None) -> None:
+    def __init__(self, recorder: Recorder, outputs: Outputs,
+                 observers: Sequence[Callable[[Inspection], None]] = ()) -> None:
         self.recorder = recorder
         self.outputs = outputs
-        self.metrics = metrics
+        self.observers = list(observers)  # metrics, the drift watch: each sees every record once
         overlay = outputs.get("overlay")
         self._overlay = overlay if isinstance(overlay, OverlayPublisher) else None
 
@@ -41,8 +42,11 @@ class ResultFlow:
         if record.verdict == ERROR:
             log.warning("camera %s: inspection %s failed: %s", record.camera, record.id, record.error,
                         extra={"camera": record.camera, "inspection_id": record.id})
-        if self.metrics is not None:
-            self.metrics.observe(record)
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:  # an observer's bug must not cost the result
+                log.exception("observing inspection %s failed", record.id)
 
         def then(committed: bool) -> None:
             self.outputs.publish(record, committed)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..bundle import load_bundle
+from ..bundle import load_bundle, load_drift_baseline
 from ..engine import Engine
 from ..errors import ApplianceError, ConfigError
 from .audit import Recorder
@@ -35,23 +35,29 @@ from .commands import (
     BundleCommand,
     CommandError,
     Dispatcher,
+    DriftCommand,
     EnableCommand,
+    LabelCommand,
     ReloadCommand,
     StallCommand,
     StatusCommand,
     ThresholdCommand,
     TriggerCommand,
+    UnlabelCommand,
 )
 from .config import Camera, DaemonConfig, load_config
 from .control import ControlServer
 from .disk import DiskGuard, Volume
+from .drift_watch import DriftLog, DriftWatch
 from .health import stall_reasons
+from .labels import LabelBook, delta_folder, delta_store, reconcile
 from .latest import LatestImages
 from .metrics import Metrics
 from .operator_thresholds import ThresholdStore
 from .outputs import Outputs
 from .pipeline import CameraPipeline
 from .publishers import PUBLISHERS, OutputContext, create_publisher
+from .publishers.frames import FramesPublisher
 from .publishers.overlay import OverlayPublisher
 from .reload import plan_reload
 from .results import ResultFlow
@@ -81,8 +87,12 @@ class Daemon:
         self.flow: ResultFlow | None = None
         self.control: ControlServer | None = None
         self.thresholds: ThresholdStore | None = None
+        self.labels: LabelBook | None = None
         self.disk: DiskGuard | None = None
         self.metrics = Metrics(self.status)
+        self.drift = DriftWatch(config.drift, lambda *window: self.drift_log.window(*window))
+        self.drift_log: DriftLog | None = None
+        self._drift_tests: set[str] = set()  # cameras whose window is being tested
         self.watchdog = Watchdog(self.health)
         self.dispatcher = Dispatcher({
             StatusCommand: lambda c: self.status().to_json(),
@@ -91,6 +101,9 @@ class Daemon:
             TriggerCommand: lambda c: {"accepted": self.trigger(c.camera, c.id)},
             EnableCommand: lambda c: self.set_enabled(c.camera, c.enabled, c.who),
             BundleCommand: lambda c: self.select_bundle(c.camera, c.slot, c.who),
+            LabelCommand: lambda c: self._off_loop(self.labels.label, c),
+            UnlabelCommand: lambda c: self._off_loop(self.labels.unlabel, c),
+            DriftCommand: lambda c: self._off_loop(self._drift_report, c),
             **({StallCommand: self._stall} if os.environ.get("APPLIANCE_FAULT_INJECTION") == "1" else {}),
         })
         self._stopping: asyncio.Event | None = None
@@ -109,7 +122,7 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError(f"paths: cannot create {folder}: {exc.strerror or exc}") from None
         self.recorder = Recorder.from_config(cfg.audit, cfg.paths.state, run_id=self.run_id,
-                                             artifacts={"overlay": "overlay_path"},
+                                             artifacts={"overlay": "overlay_path", "frames": "frame"},
                                              spill_dirs=[cfg.paths.cache, cfg.control.socket.parent])
         durable = [o.type for o in cfg.outputs if PUBLISHERS[o.type].durable]
         self.recorder.start(durable=durable)
@@ -122,11 +135,21 @@ class Daemon:
                                 loop=self.loop, trigger=self.trigger, control=self.dispatcher.dispatch,
                                 outbox=self.recorder, disk=self.disk, latest=LatestImages())
         self.outputs = Outputs([create_publisher(o, context) for o in cfg.outputs], self._delivered)
-        self.flow = ResultFlow(self.recorder, self.outputs, self.metrics)
+        self.flow = ResultFlow(self.recorder, self.outputs, [self.metrics.observe, self.drift.observe])
+        frames = self.outputs.get("frames")
+        self.drift_log = DriftLog(self.drift, self.recorder, frames if isinstance(frames, FramesPublisher) else None,
+                                  cfg.drift)
+        self.labels = LabelBook(self.recorder, frames if isinstance(frames, FramesPublisher) else None,
+                                self._running, self.thresholds, cfg.paths.state, cfg.learning, self.tz,
+                                lambda cam: self.config.camera(cam))
         for camera in cfg.cameras:
             self._camera_overlay(camera)
         engines = {c.id: self._load_engine(c) for c in cfg.cameras if c.enabled}
         self.outputs.start()
+        if self.labels.frames is not None:  # labelled frames stay in the store while their label stands
+            for row in self.recorder.read("SELECT DISTINCT frame FROM labels WHERE undone_at IS NULL AND frame IS NOT "
+                                          "NULL"):
+                self.labels.frames.pin(row["frame"])
         self._serve_metrics()
         for camera in cfg.cameras:
             if camera.enabled:
@@ -147,6 +170,7 @@ class Daemon:
                  extra={"camera": camera.id})
         try:
             engine = load_bundle(path, threads=rt.threads, streams=rt.streams, cache_dir=self.config.paths.cache)
+            learned = self._apply_learned(camera, engine)
         except ApplianceError as exc:
             raise ConfigError(f"camera {camera.id}: bundle {path}: {exc}") from None
         seconds = time.monotonic() - started
@@ -154,11 +178,41 @@ class Daemon:
                  extra={"camera": camera.id})
         if engine.backbone.cache_problem:
             self.recorder.event("cache_unusable", camera.id, engine.backbone.cache_problem)
-        self.recorder.event("model_loaded", camera.id, f"{engine.model_id} from {path} in {seconds:.1f} s",
-                            {"model_id": engine.model_id, "bundle": str(path), "seconds": round(seconds, 2)})
+        self.recorder.event("model_loaded", camera.id, f"{engine.model_id} from {path} in {seconds:.1f} s"
+                            + (f", {learned} learned rows replayed" if learned else ""),
+                            {"model_id": engine.model_id, "bundle": str(path), "seconds": round(seconds, 2),
+                             "learned_rows": learned})
         return engine
 
+    def _apply_learned(self, camera: Camera, engine: Engine) -> int:
+        """Replay what operators taught this camera's model (its delta beside the bundle); rows replayed."""
+        if not delta_folder(self.config.paths.state, camera.id, engine.model_id).exists():
+            return 0
+        active = {r["id"] for r in self.recorder.read("SELECT id FROM labels WHERE camera = ? AND undone_at IS NULL",
+                                                      [camera.id])}
+        rows, dropped = reconcile(engine, delta_store(self.config.paths.state, camera.id, engine), active)
+        if dropped:
+            self.recorder.event("delta_reconciled", camera.id, f"{len(dropped)} learned entries without a standing "
+                                "label dropped from the bank delta", {"dropped": dropped, "model_id": engine.model_id})
+        return rows
+
+    def _watch_drift(self, camera: str, engine: Engine) -> None:
+        """Watch the camera against its (new) model's baseline; a model without one says so in the status."""
+        baseline = load_drift_baseline(engine.bundle_path, engine.manifest) if engine.bundle_path else None
+        self.drift.watch(camera, baseline, engine.model_id)
+
+    def _drift_report(self, command: DriftCommand) -> dict[str, Any]:
+        cameras = [command.camera] if command.camera else list(self.pipelines)
+        for cam in cameras:
+            self._running(cam)
+        return self.drift_log.report(cameras)
+
+    async def _off_loop(self, fn: Any, command: Any) -> Any:
+        """Run a command's handler on a worker thread: it reads files and may teach the bank (tens of ms)."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, command)
+
     def _pipeline(self, camera: Camera, engine: Engine) -> CameraPipeline:
+        self._watch_drift(camera.id, engine)
         return CameraPipeline(camera, engine, threshold_for=self.thresholds.threshold_for, sink=self.flow,
                               on_state=self._camera_state, depth=self.config.runtime.streams)
 
@@ -239,6 +293,7 @@ class Daemon:
         cam = pipeline.camera.model_copy(update={"bundle": bundle})
         engine = await asyncio.get_running_loop().run_in_executor(None, self._load_engine, cam)
         before = pipeline.engine.model_id
+        self._watch_drift(camera, engine)
         pipeline.swap_engine(engine)
         self.recorder.event("bundle_selected", camera, f"slot {slot}: {before} -> {engine.model_id} by {who}",
                             {"slot": str(slot), "bundle": str(bundle), "before": before, "after": engine.model_id,
@@ -284,7 +339,7 @@ class Daemon:
             ready = (not why and writer_ok and not self._is_stopping and info["state"] == "running"
                      and info["enabled"] and bool(info["bundle"]["model_id"]))
             cameras[cam] = CameraStatus(**info, healthy=not why, unhealthy=why, ready=ready,
-                                        threshold={"value": value, "source": source})
+                                        threshold={"value": value, "source": source}, drift=self.drift.snapshot(cam))
         if not writer_ok and self.recorder is not None:
             reasons.append("audit writer thread ended")
         outputs = self.outputs.state() if self.outputs else {}
@@ -348,6 +403,7 @@ class Daemon:
         for cam in plan.swap:
             before = self.pipelines[cam].engine.model_id
             self.pipelines[cam].camera = cams[cam]
+            self._watch_drift(cam, engines[cam])
             self.pipelines[cam].swap_engine(engines[cam])
             changes.append(f"{cam}: model {before} -> {engines[cam].model_id} (hot swap)")
         for cam in plan.update:
@@ -405,6 +461,11 @@ class Daemon:
         while not self._stopping.is_set():
             self.watchdog.tick()
             self.disk.maybe_check()
+            for cam in self.drift.due():
+                if cam not in self._drift_tests:  # a test runs off the loop; one per camera at a time
+                    self._drift_tests.add(cam)
+                    future = self.loop.run_in_executor(None, self.drift.test, cam)
+                    future.add_done_callback(lambda f, cam=cam: self._drift_tests.discard(cam))
             if time.monotonic() - last_status >= STATUS_EVERY_S:
                 notify(f"STATUS={self.status_line()}")
                 last_status = time.monotonic()

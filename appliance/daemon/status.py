@@ -84,6 +84,9 @@ class CameraStatus(_Model):
     threshold: Threshold
     bundle: BundleInfo
     last: LastResult | None = None
+    drift: dict[str, Any] = Field(default_factory=lambda: {"state": "off"},
+                                  description="the drift watch: state (off, no_baseline, collecting, ok, drift), "
+                                              "windows, the last window's p-values")
 
 
 class DaemonInfo(_Model):

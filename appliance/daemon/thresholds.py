@@ -3,10 +3,12 @@
 Precedence, highest first (the second element of ``resolve``'s answer names the winner):
 
 1. ``operator:shift:<name>``: an operator override for the shift running now;
-2. ``operator``: an operator override for the camera;
-3. ``shift:<name>``: the configured threshold of the shift running now;
-4. ``camera``: the camera's configured ``value``;
-5. ``bundle``: the bundle's calibrated threshold, 0.5 on the normalised scale.
+2. ``operator``: an operator override for the camera (an operator's pin: nothing learned overrides it);
+3. ``learned:shift:<name>``: a threshold recalibrated from operator labels for the shift running now;
+4. ``learned``: a threshold recalibrated from operator labels for the camera;
+5. ``shift:<name>``: the configured threshold of the shift running now;
+6. ``camera``: the camera's configured ``value``;
+7. ``bundle``: the bundle's calibrated threshold, 0.5 on the normalised scale.
 
 Shifts follow the local wall clock of the daemon's time zone (a top-level setting): a range
 ``"22:00-06:00"`` means 22:00 to 06:00 as the clocks on the shop floor show it. Across DST
@@ -216,7 +218,7 @@ def shift_at(config: ThresholdsConfig, tz: ZoneInfo, when: datetime | float) -> 
 
 
 def resolve(config: ThresholdsConfig, tz: ZoneInfo, when: datetime | float,
-            overrides: Mapping[str, Any] | None = None) -> Resolved:
+            overrides: Mapping[str, Any] | None = None, learned: Mapping[str, Any] | None = None) -> Resolved:
     """The threshold in force for one camera at ``when``, and its source (precedence in the module docstring).
 
     Args:
@@ -225,15 +227,16 @@ def resolve(config: ThresholdsConfig, tz: ZoneInfo, when: datetime | float,
         when: capture time, an aware datetime or seconds since the epoch.
         overrides: the camera's operator overrides, ``{"camera": float | None, "shifts": {name: float}}``,
             already checked by ``check_overrides``.
+        learned: thresholds recalibrated from labels, in the same shape (``threshold_rule``).
 
     """
-    overrides = overrides or {}
     shift = shift_at(config, tz, when)
-    by_shift = overrides.get("shifts") or {}
-    if shift is not None and by_shift.get(shift) is not None:
-        return Resolved(float(by_shift[shift]), f"operator:shift:{shift}")
-    if overrides.get("camera") is not None:
-        return Resolved(float(overrides["camera"]), "operator")
+    for layer, name in ((overrides or {}, "operator"), (learned or {}, "learned")):
+        by_shift = layer.get("shifts") or {}
+        if shift is not None and by_shift.get(shift) is not None:
+            return Resolved(float(by_shift[shift]), f"{name}:shift:{shift}")
+        if layer.get("camera") is not None:
+            return Resolved(float(layer["camera"]), name)
     if shift is not None and shift in config.shifts:
         return Resolved(config.shifts[shift], f"shift:{shift}")
     if config.value is not None:

@@ -27,6 +27,22 @@ STRICT = ConfigDict(extra="forbid")
 Progress = Callable[[int, int], None]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Growth:
+    """What learning one image live takes (``Scorer.learn_rows``).
+
+    Attributes:
+        rows: ``[n, C]`` float16 rows to add (``n`` is 0 when the image already scores below the limit).
+        positions: ``[n]`` int64 flat patch positions they come from.
+        image_score: the image's score before, exactly as ``score`` gives it.
+
+    """
+
+    rows: np.ndarray
+    positions: np.ndarray
+    image_score: float
+
+
 class Scorer(ABC):
     """Fit on good images' features, then score patches of new images."""
 
@@ -86,6 +102,47 @@ class Scorer(ABC):
 
     def warm_up(self, shape: tuple[int, ...]) -> None:  # noqa: B027 - optional hook
         """Run once on dummy features of ``shape`` so no compile or allocation hits the first frame."""
+
+    # ------------------------------------------------------------ learning live (operator feedback)
+    #: Why this scorer cannot learn an image live, for the technician who asked it to.
+    learning_refusal: ClassVar[str] = ("this model learns at the next rebuild: fit it again with the image among "
+                                       "its training images")
+
+    @property
+    def learned_rows(self) -> int:
+        """Rows learned live since the scorer was fitted or loaded."""
+        return 0
+
+    def learn_capacity(self) -> int:
+        """Rows that may still be learned live before a rebuild is due.
+
+        Raises:
+            ScorerError: the scorer cannot learn live (the default), saying why and what to do.
+
+        """
+        raise ScorerError(self.learning_refusal)
+
+    def learn_rows(self, features: np.ndarray, limit: float, norm: PositionNorm | None = None,
+                   valid: np.ndarray | None = None, budget: int | None = None) -> Growth:
+        """What to add so that the image of ``features`` scores below ``limit`` (on ``score``'s scale); changes nothing.
+
+        Raises:
+            ScorerError: more than ``budget`` rows are needed, or the scorer cannot learn live.
+
+        """
+        raise ScorerError(self.learning_refusal)
+
+    def add_rows(self, rows: np.ndarray, positions: np.ndarray, grid: tuple[int, int, int]) -> None:
+        """Add what ``learn_rows`` returned (now or on replay: the same rows give the same state)."""
+        raise ScorerError(self.learning_refusal)
+
+    def rebased(self) -> Scorer:
+        """A new scorer with the fitted (or loaded) state alone, nothing learned live."""
+        raise ScorerError(self.learning_refusal)
+
+    def reads_beside_scoring(self) -> bool:
+        """Whether ``learn_rows`` may run in one thread while ``score`` runs in another."""
+        return False
 
 
 SCORERS: dict[str, type[Scorer]] = {}

@@ -61,6 +61,10 @@ class Padim(Scorer):
     type = "padim"
     Config = PadimConfig
     default_backbone = "efficientnet_lite0_padim"  # raw activations, no local averaging, as in PaDiM
+    learning_refusal = (
+        "PaDiM learns at the next rebuild: it keeps, for every position, the mean and the inverted covariance of "
+        "the training images, not the running sums that adding one image would need. The image stays labelled "
+        "good; fit the model again with it among the training images (a PatchCore model learns at once)")
 
     def __init__(self, config: PadimConfig) -> None:
         super().__init__(config)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 
 import faiss
+import numba
 import numpy as np
 from appliance_kernels.coreset import greedy_coreset
 from appliance_kernels.nn_search import check_graph, graph_beam, shortlist_nn
@@ -32,24 +33,37 @@ from pydantic.dataclasses import dataclass
 
 from ..errors import ConfigError, ScorerError
 from ..position_norm import PositionNorm
-from .base import STRICT, Progress, Scorer, check_norm, frame_mask, register
-from .patchcore_bank import build_graph, build_hnsw, build_shortlists, locality_order, position_partitions
+from .base import STRICT, Growth, Progress, Scorer, check_norm, frame_mask, register
+from .patchcore_bank import (
+    RowBuffer,
+    build_graph,
+    build_hnsw,
+    build_index,
+    build_shortlists,
+    graph_rows,
+    greedy_cover,
+    locality_order,
+    position_partitions,
+    promote,
+    reserve,
+)
+from .patchcore_search import BEAM_EXPAND, certify, search_into
 from .spill import MemoryRows, SpilledRows, patch_rows
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 CANDIDATE_SOURCES = ("positional", "none")
-#: Certified search: bounds tightened per round while many patches are open; patches searched
-#: exactly per round then, and per round once few are left; "few"; graph rows expanded per patch.
-_LAZY_BATCH = 16
-_REFINE_START = 2
-_REFINE_BATCH = 4
-_CLEAR_BULK = 64
-_BEAM_EXPAND = 32
-_EXACT = 3
-#: Open patches the certified search's rounds look at before rescanning all of them.
-_POOL = 256
 #: Training patches sampled to measure the bank's coverage radius (HNSW distances: each one at least the exact one).
 _COVERAGE_SAMPLE = 20000
+#: Learned rows allowed by default: this share of the fitted bank, and at least this many.
+_LEARNED_SHARE = 0.05
+_MIN_LEARNED_ROWS = 1000
+#: Learned rows go to the HNSW indexes in calls of at most this many: FAISS inserts up to 100 rows of one
+#: call in a fixed order on one thread (more run in parallel, in no fixed order), so the same rows give
+#: the same graph, bit for bit, live and on replay.
+_ADD_CHUNK = 64
+#: A learned frame's patches must end this much (relative) below their limit: our distances and the
+#: search's differ in float32 rounding.
+_LEARN_MARGIN = 1e-4
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -81,6 +95,10 @@ class PatchCoreConfig:
             shortlist bounds before the exact refinement (0: no graph).
         graph_steps: greedy steps on that graph per patch.
         seed: seeds the projection and the coreset's first pick.
+        max_learned_rows: rows that operator feedback (``learn_rows``/``add_rows``) may add to the
+            fitted bank before a rebuild is due (``None``: 5 % of the fitted bank, at least
+            ``_MIN_LEARNED_ROWS``; 0: no live learning). Learned rows are searched as well as the
+            coreset's but chosen one image at a time, and each one is replayed at every start.
 
     """
 
@@ -102,6 +120,7 @@ class PatchCoreConfig:
     graph_degree: int = 16
     graph_steps: int = 2
     seed: int = 0
+    max_learned_rows: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.coreset_ratio <= 1:
@@ -120,33 +139,8 @@ class PatchCoreConfig:
             raise ConfigError(f"patchcore.spill_mb must be >= 0 or null, got {self.spill_mb}")
         if self.max_bank is not None and self.max_bank < 1:
             raise ConfigError(f"patchcore.max_bank must be >= 1 or null, got {self.max_bank}")
-
-
-def build_index(bank: np.ndarray, config: PatchCoreConfig) -> faiss.Index:
-    """The FAISS index the config asks for, holding ``bank``.
-
-    Bank rows are float16 values (features are kept in float16 from extraction on), so the
-    indexes store them as float16 scalars: lossless, and half the memory traffic. For the
-    exact index that pays off when few patches are searched at a time (the certified
-    search); for whole images (``candidates="none"``) ``IndexFlatL2``'s BLAS path is faster.
-    """
-    n, d = bank.shape
-    fp16 = faiss.ScalarQuantizer.QT_fp16
-    if config.index == "hnsw":
-        index = faiss.IndexHNSWSQ(d, fp16, config.hnsw_m)
-        index.hnsw.efSearch = config.ef_search
-    elif config.index == "ivf":
-        lists = config.ivf_lists or max(1, int(4 * np.sqrt(n)))
-        lists = min(lists, max(1, n // 39))  # FAISS wants >= 39 training points per list
-        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, lists, fp16, faiss.METRIC_L2, False)
-        index.train(bank)  # by_residual=False above: rows are stored as they are, so distances stay exact
-        index.nprobe = config.nprobe
-    elif config.candidates == "none":
-        index = faiss.IndexFlatL2(d)
-    else:
-        index = faiss.IndexScalarQuantizer(d, fp16, faiss.METRIC_L2)
-    index.add(bank)
-    return index
+        if self.max_learned_rows is not None and self.max_learned_rows < 0:
+            raise ConfigError(f"patchcore.max_learned_rows must be >= 0 or null, got {self.max_learned_rows}")
 
 
 @register
@@ -166,6 +160,10 @@ class PatchCore(Scorer):
         self.hnsw: faiss.Index | None = None
         self.valid: np.ndarray | None = None
         self.coverage_radius = 0.0
+        self.base_rows = 0  # rows of the fitted (or loaded) bank; rows after them were learned
+        self._bank_rows: RowBuffer | None = None  # ``bank`` with room for learned rows
+        self._graph_rows: RowBuffer | None = None  # ``graph`` likewise
+        self._base: tuple[dict[str, np.ndarray], dict] | None = None  # the fitted state, for ``rebased``
         self.refined_last = 0  # patches searched exactly for the last image (for benchmarks)
         self.approx_last = 0  # patches given the HNSW search for the last image (for benchmarks)
 
@@ -260,19 +258,27 @@ class PatchCore(Scorer):
             graph: ``[B, K]`` int32 k-NN graph of the bank.
 
         """
-        self.bank = np.ascontiguousarray(np.asarray(bank).astype(np.float16).astype(np.float32))
-        self.shortlist = np.ascontiguousarray(shortlist, np.int32)
+        rows = np.asarray(bank).shape[0]
+        self.base_rows = rows
+        head = self._learned_cap()  # room for learned rows
+        self._bank_rows = RowBuffer(np.asarray(bank).astype(np.float16), np.float32, head)
+        self.bank = self._bank_rows.rows
+        self.shortlist = np.array(shortlist, np.int32, order="C")  # a copy: learning reorders it in place
         self.valid = None if valid is None else np.asarray(valid, bool)
         self.index = index if index is not None else build_index(self.bank, self.config)
         self.hnsw = hnsw if hnsw is not None else build_hnsw(self.bank, self.config.ef_search)
-        self.graph = (np.ascontiguousarray(graph, np.int32) if graph is not None
-                      else build_graph(self.bank, self.hnsw, self.config.graph_degree))
+        graph = np.asarray(graph if graph is not None else build_graph(self.bank, self.hnsw, self.config.graph_degree))
         for name, ntotal in (("FAISS index", self.index.ntotal), ("HNSW index", self.hnsw.ntotal),
-                             ("graph", self.graph.shape[0])):
-            if ntotal != self.bank.shape[0]:
-                raise ScorerError(f"PatchCore {name} holds {ntotal} rows, the bank {self.bank.shape[0]}")
+                             ("graph", graph.shape[0])):
+            if ntotal != rows:
+                raise ScorerError(f"PatchCore {name} holds {ntotal} rows, the bank {rows}")
+        self._graph_rows = RowBuffer(graph, np.int32, head)
+        self.graph = self._graph_rows.rows
+        self._base = None
         if self.index.d != self.bank.shape[1]:
             raise ScorerError("the FAISS index's dimension differs from the bank's")
+        for faiss_index in (self.index, self.hnsw):
+            reserve(faiss_index, head)
         if self.shortlist.size and self.shortlist.max() >= self.bank.shape[0]:
             raise ScorerError("PatchCore shortlists point past the bank")
         try:
@@ -315,88 +321,12 @@ class PatchCore(Scorer):
 
     def _certify(self, x: np.ndarray, d2: np.ndarray, nn: np.ndarray, norm: PositionNorm | None,
                  mask: np.ndarray | None) -> None:
-        """Make the largest (normalised) patch score exact, in place; the other bounds stay bounds.
-
-        A lazy loop over the largest bounds: each is first tightened by a best-first search on the
-        bank's k-NN graph, then by HNSW, and only then searched exactly. That raises the best exact
-        score M quickly even when the largest bounds were loose. Once few patches remain above M,
-        each only has to be shown to have *some* bank row within M: graph search with M as its
-        target clears most, HNSW most of the rest, and exact search settles what is left.
-        """
-
-        def key(rows: np.ndarray) -> np.ndarray:
-            dist = np.sqrt(np.maximum(d2[rows], 0.0))
-            return dist if norm is None else norm.key(dist, rows)
-
-        def target(rows: np.ndarray, best: float) -> np.ndarray:  # squared distance that scores best
-            limit = np.full(rows.size, best) if norm is None else norm.raw(best, rows)
-            return np.where(limit >= 0, limit * limit, -1.0).astype(np.float32)
-
-        def beam(rows: np.ndarray, targets: np.ndarray) -> None:
-            graph_beam(x, self.bank, self.graph, rows, d2, nn, targets, _BEAM_EXPAND)
-            state[rows] = 1
-            keys[rows] = key(rows)
-
-        def approximate(rows: np.ndarray) -> None:
-            self._search(self.hnsw, x, rows, d2, nn)
-            state[rows] = 2
-            keys[rows] = key(rows)
-            self.approx_last += rows.size
-
-        state = np.zeros(d2.size, np.int8)  # 0 bound, 1 graph-searched, 2 HNSW-searched, 3 exact
-        if mask is not None:
-            state[~mask.reshape(-1)] = _EXACT  # nothing to certify outside the valid area
-        keys = key(np.arange(d2.size))  # kept current for every row a stage touches
-        best = -np.inf
-        self.refined_last = self.approx_last = 0
-
-        def refill() -> tuple[np.ndarray, float]:
-            """The open rows with the largest keys, and the largest key of the others (keys only fall)."""
-            rows = np.flatnonzero((state < _EXACT) & (keys > best))
-            if rows.size <= _POOL:
-                return rows, -np.inf
-            part = np.argpartition(-keys[rows], _POOL)
-            return rows[part[:_POOL]], float(keys[rows[part[_POOL]]])
-
-        candidates, outside = refill()  # the rounds work on this pool while it provably holds what they need
-        while True:
-            candidates = candidates[(state[candidates] < _EXACT) & (keys[candidates] > best)]
-            if outside > best and (candidates.size <= max(_CLEAR_BULK, _LAZY_BATCH)
-                                   or np.partition(keys[candidates], -_LAZY_BATCH)[-_LAZY_BATCH] < outside):
-                candidates, outside = refill()
-                continue
-            if not candidates.size:
-                break
-            if candidates.size <= _CLEAR_BULK and best > -np.inf:
-                fresh = candidates[state[candidates] == 0]
-                beam(fresh, target(fresh, best))
-                candidates = candidates[keys[candidates] > best]
-                approximate(candidates[state[candidates] == 1])
-                candidates = candidates[keys[candidates] > best]
-                batch = candidates[np.argsort(-keys[candidates])[:_REFINE_BATCH]]
-            else:
-                k = min(_LAZY_BATCH, candidates.size)
-                top = candidates[np.argpartition(-keys[candidates], k - 1)[:k]]
-                if (state[top] == 0).any():
-                    fresh = top[state[top] == 0]
-                    beam(fresh, np.full(fresh.size, -1.0, np.float32))
-                    continue
-                if (state[top] == 1).any():
-                    approximate(top[state[top] == 1])
-                    continue
-                batch = top[np.argsort(-keys[top])[:_REFINE_START]]
-            if batch.size:
-                self._search(self.index, x, batch, d2, nn)
-                state[batch] = _EXACT
-                keys[batch] = key(batch)
-                self.refined_last += batch.size
-                best = max(best, float(keys[batch].max()))
+        """Make the largest (normalised) patch score exact, in place (``patchcore_search.certify``)."""
+        self.refined_last, self.approx_last = certify(x, d2, nn, norm, mask, self.bank, self.graph, self.hnsw,
+                                                      self.index)
 
     def _search(self, index: faiss.Index, x: np.ndarray, rows: np.ndarray, d2: np.ndarray, nn: np.ndarray) -> None:
-        """Search ``rows`` of ``x`` in ``index``; keep the smaller of the found and the current distance."""
-        ed2, enn = index.search(self._queries(x, rows), 1)
-        better = (enn[:, 0] >= 0) & (ed2[:, 0] < d2[rows])
-        d2[rows[better]], nn[rows[better]] = ed2[better, 0], enn[better, 0]
+        search_into(index, x, rows, d2, nn)
 
     def patch_scores(self, features: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Every patch's NN distance, for the per-position statistics: shortlist bounds refined by HNSW.
@@ -428,6 +358,11 @@ class PatchCore(Scorer):
         """Patch scores (NN distances, normalised with ``norm``) and the image score (max, optionally reweighted)."""
         mask = frame_mask(self.valid, valid)
         d2, nn = self.nearest(features, norm, valid=mask)
+        return self._image(features, d2, nn, norm, mask)
+
+    def _image(self, features: np.ndarray, d2: np.ndarray, nn: np.ndarray, norm: PositionNorm | None,
+               mask: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """Patch scores and image score from certified distances (``score``'s last step)."""
         dist = self._distances(d2, features.shape, mask)
         patches = dist if norm is None else norm.apply(dist, mask)
         top = int(np.argmax(patches))
@@ -458,57 +393,134 @@ class PatchCore(Scorer):
         return float(1.0 - weights[0] / weights.sum())
 
     # ---------------------------------------------------------------- growing
+    def _learned_cap(self) -> int:
+        """Rows that may be learned on top of the fitted bank (``max_learned_rows``)."""
+        if self.config.max_learned_rows is not None:
+            return self.config.max_learned_rows
+        return max(_MIN_LEARNED_ROWS, int(np.ceil(_LEARNED_SHARE * self.base_rows)))
+
+    @property
+    def learned_rows(self) -> int:
+        """Rows added since the bank was fitted or loaded."""
+        return 0 if self.bank is None else self.bank.shape[0] - self.base_rows
+
+    def learn_capacity(self) -> int:
+        """Rows that may still be learned before a rebuild is due (``max_learned_rows`` less those learned)."""
+        if self.bank is None:
+            raise ScorerError("PatchCore scorer used before fit or load")
+        return max(0, self._learned_cap() - self.learned_rows)
+
+    def learn_rows(self, features: np.ndarray, limit: float, norm: PositionNorm | None = None,
+                   valid: np.ndarray | None = None, budget: int | None = None) -> Growth:
+        """The rows whose addition makes every patch of ``features`` score below ``limit``; changes nothing.
+
+        ``limit`` is on the image score's scale (normalised per position with ``norm``). The image is
+        scored as ``score`` does (its score before comes with the rows), each patch still above the
+        limit has its distance bound tightened by the k-NN graph and HNSW, and ``greedy_cover``
+        adds the highest-scoring patches as rows until all are below. No exhaustive search: on the
+        ball-screw bank (125k rows) every patch still above its limit after HNSW was above it in an
+        exact search too (5/5, 1/1, 6/6, 2/2, 9/9, 58/58 and 617/617 patches over seven frames and
+        targets), which would have cost 1.2 ms each. It only reads the bank, so it may run beside
+        ``score`` (``reads_beside_scoring``), never beside ``add_rows``.
+        """
+        mask = frame_mask(self.valid, valid)
+        d2, nn = self.nearest(features, norm, valid=mask)
+        image_score = self._image(features, d2, nn, norm, mask)[1]
+        t, c, h, w = features.shape
+        x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
+        positions = np.arange(d2.size)
+        goal = np.full(d2.size, float(limit)) if norm is None else norm.raw(float(limit), positions).astype(np.float64)
+        goal -= _LEARN_MARGIN * np.maximum(np.abs(goal), 1e-3)
+        if mask is not None:
+            goal[~mask.reshape(-1)] = np.inf  # d2 is 0 there: never a row
+        goal2 = np.where(goal > 0, goal * goal, -1.0).astype(np.float32)
+        open_ = np.flatnonzero(d2 > goal2)
+        if self.config.candidates != "none" and open_.size:  # "none": d2 is already exact
+            graph_beam(x, self.bank, self.graph, open_, d2, nn, goal2[open_], BEAM_EXPAND)
+            open_ = open_[d2[open_] > goal2[open_]]
+            self._search(self.hnsw, x, open_, d2, nn)
+        offset = np.zeros(d2.size) if norm is None else norm.mean.reshape(-1).astype(np.float64)
+        scale = np.ones(d2.size) if norm is None else norm.scale.reshape(-1).astype(np.float64)
+        queries = x.transpose(0, 2, 1).reshape(-1, c)
+        chosen = greedy_cover(queries, np.sqrt(np.maximum(d2, 0)), goal, offset, scale, budget)
+        return Growth(queries[chosen].astype(np.float16), chosen, image_score)
+
+    def add_rows(self, rows: np.ndarray, positions: np.ndarray, grid: tuple[int, int, int]) -> None:
+        """Append learned rows in place: bank, FAISS indexes, k-NN graph, and shortlists around ``positions``.
+
+        Nothing is copied but the new rows (the buffers and the FAISS vectors have room for
+        ``max_learned_rows``; beyond it they double). The same rows added in the same calls on the
+        same fitted state give the same state bit for bit, which ``rebased`` and replay rely on.
+        Not safe beside ``score``: the caller serialises the two.
+
+        Args:
+            rows: ``[n, C]`` float16 values (others are rounded to float16).
+            positions: ``[n]`` flat patch positions the rows came from (``T*h*w`` grid).
+            grid: ``(T, h, w)`` of the patch positions.
+
+        """
+        if self.bank is None:
+            raise ScorerError("PatchCore scorer used before fit or load")
+        rows = np.asarray(rows)
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        n, c = (rows.shape[0], rows.shape[1]) if rows.ndim == 2 else (-1, -1)
+        if c != self.bank.shape[1] or positions.shape != (n,):
+            raise ScorerError(f"learned rows {rows.shape} and positions {positions.shape} do not fit this bank "
+                              f"({self.bank.shape[1]} channels)")
+        if int(np.prod(grid)) != self.shortlist.shape[0] or (n and not 0 <= positions.min() <= positions.max()
+                                                              < self.shortlist.shape[0]):
+            raise ScorerError(f"learned rows' positions do not fit the {self.shortlist.shape[0]} patch positions")
+        if n == 0:
+            return
+        if self._base is None:  # fitted here, not loaded: keep the fitted state for ``rebased``
+            arrays, meta = self.state()
+            self._base = ({k: np.array(v, copy=True) for k, v in arrays.items()}, meta)
+        vec = np.ascontiguousarray(rows.astype(np.float16).astype(np.float32))
+        start = self.bank.shape[0]
+        for i in range(0, n, _ADD_CHUNK):
+            self.index.add(vec[i : i + _ADD_CHUNK])
+            self.hnsw.add(vec[i : i + _ADD_CHUNK])
+        self.bank = self._bank_rows.append(vec)
+        self.graph = self._graph_rows.append(graph_rows(self.hnsw, vec, np.arange(start, start + n),
+                                                        self.graph.shape[1]))
+        for row, position in enumerate(positions, start):
+            promote(self.shortlist, int(position), row, grid, self.config.shortlist_radius)
+
+    def rebased(self) -> PatchCore:
+        """A new scorer holding the fitted (or loaded) state alone: what is left when every learned row goes.
+
+        FAISS cannot delete from an HNSW graph, so forgetting rows means starting again from the
+        fitted state and adding the rows that stay, in their order.
+        """
+        if self.bank is None:
+            raise ScorerError("PatchCore scorer used before fit or load")
+        arrays, meta = self._base if self._base is not None else self.state()
+        other = PatchCore(self.config)
+        other.load_state(arrays, meta)
+        return other
+
+    def reads_beside_scoring(self) -> bool:
+        """``learn_rows`` only reads; its kernels may run beside ``score``'s if Numba's threading layer allows.
+
+        OpenMP and TBB do; Numba's fallback layer ("workqueue") aborts the process when two threads
+        launch kernels at once, so then learning waits for the scoring lock.
+        """
+        try:
+            return numba.threading_layer() in ("omp", "tbb")
+        except ValueError:  # no parallel kernel has run yet
+            return False
+
     def add(self, features: np.ndarray) -> int:
         """Add the patches of a good image that the bank does not cover yet; returns how many.
 
-        Patches farther than the coverage radius measured at fit time are added
-        greedily (farthest first) until every patch of the image is covered, so
-        the bank's guarantee is kept with as few new rows as possible. Each new
-        row is put at the front of its position's shortlist.
+        Patches farther than the coverage radius measured at fit time are added greedily (farthest
+        first) until every patch of the image is covered, so the bank's guarantee is kept with as
+        few new rows as possible. Each new row is put at the front of its position's shortlist.
         """
-        d2, _ = self.nearest(features)
-        t, c, h, w = features.shape
-        x = np.ascontiguousarray(features.reshape(t, c, h * w), np.float32)
-        dist = np.sqrt(d2)
-        if self.valid is not None:
-            dist[~self.valid.reshape(-1)] = 0.0
-        radius = self.coverage_radius
-        added: list[int] = []
-        while True:
-            q = int(np.argmax(dist))
-            if dist[q] <= radius:
-                break
-            vec = self._queries(x, np.array([q])).astype(np.float16).astype(np.float32)  # keep the bank fp16-exact
-            row = self.bank.shape[0]  # the new row's index once appended below
-            added.append(q)
-            self.graph = np.concatenate([self.graph, self._graph_row(vec)])
-            self.index.add(vec)
-            self.hnsw.add(vec)
-            self.bank = np.concatenate([self.bank, vec])
-            self._promote(q, row, (t, h, w))
-            dist = np.minimum(dist, np.sqrt(((x.transpose(0, 2, 1).reshape(-1, c) - vec) ** 2).sum(1)))
-        return len(added)
-
-    def _graph_row(self, vec: np.ndarray) -> np.ndarray:
-        """Graph neighbours of a new bank row: its nearest existing rows."""
-        row = np.full((1, self.graph.shape[1]), -1, np.int32)
-        if self.graph.shape[1]:
-            _, nn = self.index.search(vec, min(self.graph.shape[1], self.bank.shape[0]))
-            found = nn[0][nn[0] >= 0]
-            row[0, : found.size] = found
-        return row
-
-    def _promote(self, position: int, row: int, grid: tuple[int, int, int]) -> None:
-        """Put bank ``row`` first in the shortlists around ``position``."""
-        _t_count, h, w = grid
-        t, rem = divmod(position, h * w)
-        y, x = divmod(rem, w)
-        r = self.config.shortlist_radius
-        for yy in range(max(0, y - r), min(h, y + r + 1)):
-            for xx in range(max(0, x - r), min(w, x + r + 1)):
-                q = (t * h + yy) * w + xx
-                self.shortlist[q, 1:] = self.shortlist[q, :-1].copy()
-                self.shortlist[q, 0] = row
+        growth = self.learn_rows(features, self.coverage_radius)
+        t, _c, h, w = features.shape
+        self.add_rows(growth.rows, growth.positions, (t, h, w))
+        return growth.rows.shape[0]
 
     # ---------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -540,6 +552,7 @@ class PatchCore(Scorer):
             hnsw = faiss.deserialize_index(np.ascontiguousarray(arrays["hnsw_index"]))
             hnsw.hnsw.efSearch = self.config.ef_search
         self.set_bank(bank, shortlist, arrays.get("valid"), index=index, hnsw=hnsw, graph=arrays.get("graph"))
+        self._base = (arrays, dict(meta))  # never written to (set_bank copies what learning changes)
 
     def warm_up(self, shape: tuple[int, ...]) -> None:
         """Score once so kernels are loaded before the first frame.

@@ -73,7 +73,7 @@ def test_schema_and_one_row_per_inspection(tmp_path):
     rec.close()
 
     conn = connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT count(*) FROM inspections").fetchone()[0] == 2
@@ -277,7 +277,7 @@ def test_what_cannot_be_written_at_close_is_spilled_and_written_at_the_next_star
     assert "camera_lost" in kinds and "audit_spill_written" in kinds
 
 
-def test_a_version_1_file_is_migrated_in_place(tmp_path):
+def test_a_version_1_file_is_migrated_in_place(tmp_path):  # to 2 (runs, file hashes), then 3 (frames, labels)
     path = tmp_path / "audit.db"
     conn = sqlite3.connect(path)
     conn.executescript("""
@@ -299,7 +299,8 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path):
     rec.record(inspection(1), [])
     rec.close()
     conn = connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("SELECT count(*) FROM labels").fetchone()[0] == 0
     rows = [dict(r) for r in conn.execute("SELECT id, run_id FROM inspections ORDER BY captured_at")]
     assert rows[0] == {"id": "old", "run_id": None} and rows[1]["run_id"] == rec.run_id
 

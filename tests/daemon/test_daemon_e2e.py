@@ -232,7 +232,7 @@ def test_triggers_thresholds_reload_and_drain(tmp_path, sample_bundle, daemon_ca
     assert d.stop() == 0
     ids = [r["trigger_id"] for r in audit_rows(d.db)]
     assert ids[-3:] == ["D0", "D1", "D2"]
-    assert json.loads((d.state / "thresholds.json").read_text())["line1"]["camera"] == 0.9
+    assert json.loads((d.state / "thresholds.json").read_text())["operator"]["line1"]["camera"] == 0.9
 
 
 def test_doctor_reports_every_check_as_json(tmp_path, sample_bundle, daemon_cache):

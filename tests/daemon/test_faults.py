@@ -211,8 +211,11 @@ def test_a_disk_below_its_floor_raises_an_alarm_everywhere_and_the_audit_keeps_e
     text = subprocess.run([str(APPLIANCE), "status", "--config", str(cfg)], capture_output=True, text=True,
                           timeout=30).stdout
     assert "ALARM disk_low" in text
+    d.request({"cmd": "enable", "camera": "line1", "enabled": False})  # the line stops: no new overlays
     shutil.rmtree(small_disk / "state" / "overlays")  # a technician frees space: the alarm clears by itself
     d.wait_until(lambda: not d.status()["daemon"]["alarms"], 30, "the alarm cleared")
+    code, health = get(f"http://127.0.0.1:{port}/healthz")
+    assert code == 200 and health["status"] == "ok"
     assert d.stop() == 0
     kinds = [e["kind"] for e in audit_rows(d.db, "events", order="id")]
     assert "disk_low" in kinds and "disk_ok" in kinds

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import html
 import json
 import logging
@@ -35,9 +36,10 @@ from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from ...errors import ImageError, PublishError
+from ...errors import ApplianceError, ImageError, PublishError
+from ..commands import parse_command
 from ..latest import LatestImage, read_latest_file, thumbnail
 from ..records import VERDICTS, Inspection
 from ..status import Status
@@ -71,6 +73,9 @@ class HttpConfig(PublisherConfig):
                                                        "writes it, read only while no overlay output in this "
                                                        "daemon has drawn an image; default <state_dir>/overlays")
     timeout: float = Field(10.0, gt=0, description="seconds to wait for the server to start or stop")
+    label_tokens: dict[str, SecretStr] = Field(
+        default_factory=dict, description="operator name -> token: who holds one may label inspections from the "
+                                          "live page (teaching the model is a write); none: the page is read-only")
 
 
 def summarize(inspection: Inspection) -> dict[str, Any]:
@@ -226,7 +231,45 @@ class HttpPublisher(Publisher):
         add("/api/cameras/{camera}/thumb.jpg", self._thumbnail)
         add("/metrics", self._metrics)
         add("/healthz", self._healthz)
+        app.router.add_post("/api/inspections/{inspection}/label", self._label)
+        app.router.add_post("/api/labels/{label}/undo", self._unlabel)
         return app
+
+    def _operator(self, request: web.Request) -> str:
+        """The operator whose token the request carries (``Authorization: Bearer <token>``), or 401/403."""
+        if not self.config.label_tokens:
+            raise web.HTTPForbidden(text=json.dumps({"error": "labelling from the page is off: the http output "
+                                                              "has no label_tokens"}), content_type="application/json")
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        for name, token in self.config.label_tokens.items():
+            if given and hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+                return name
+        raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in: a valid operator token is needed"}),
+                                   content_type="application/json")
+
+    async def _write(self, request: web.Request, command: dict[str, Any]) -> web.Response:
+        """Run a labelling command as the signed-in operator through the daemon's dispatcher."""
+        command["who"] = f"page:{self._operator(request)}"
+        if self.context.control is None:
+            return _json({"error": "this daemon takes no commands"}, 503)
+        try:
+            result = await self.context.control(parse_command(command))
+        except ApplianceError as exc:
+            return _json({"error": str(exc)}, 400)
+        return _json(result)
+
+    async def _label(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return _json({"error": "the body is not JSON"}, 400)
+        if not isinstance(body, dict):
+            return _json({"error": "the body is a JSON object with label (good or defect) and note"}, 400)
+        return await self._write(request, {"cmd": "label", "inspection": request.match_info["inspection"],
+                                           "label": body.get("label"), "note": body.get("note")})
+
+    async def _unlabel(self, request: web.Request) -> web.Response:
+        return await self._write(request, {"cmd": "unlabel", "label_id": request.match_info["label"]})
 
     def _snapshot(self) -> tuple[Status | None, str | None]:
         """The daemon's typed snapshot, or ``None`` and why (logged) when the daemon cannot give one."""

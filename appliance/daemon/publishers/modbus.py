@@ -14,6 +14,7 @@ TriggerIDs continue across restarts: the last one per camera is kept in the stat
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import errno
 import ipaddress
@@ -23,13 +24,14 @@ import math
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from ...errors import ApplianceError, PublishError
-from ..commands import BundleCommand, EnableCommand, parse_command
+from ..commands import BundleCommand, CommandError, EnableCommand, LabelCommand, UnlabelCommand, parse_command
 from ..modbus_map import (
     CameraMap,
     Command,
@@ -45,6 +47,8 @@ from ..records import Inspection
 from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher, run_on_loop
 
 log = logging.getLogger(__name__)
+#: Results per camera a PLC may still label by their ResultID (LABEL / UNLABEL commands).
+_LABELLED_RESULTS = 256
 
 _VERDICTS = {"ok": Verdict.OK, "ng": Verdict.NG, "error": Verdict.ERROR}
 #: In the state folder: the last TriggerID per camera id, so ids continue across restarts.
@@ -162,6 +166,8 @@ class ModbusPublisher(Publisher):
         self._port: int | None = None
         self._closing = False
         self._plc_beat: dict[int, tuple[int, float]] = {}  # unit -> (changes seen, monotonic time of the last)
+        # unit -> the last results' ResultID -> inspection id: a PLC labels a result by the id it saw
+        self._results: dict[int, collections.OrderedDict[int, str]] = {}
 
     @property
     def port(self) -> int | None:
@@ -223,6 +229,11 @@ class ModbusPublisher(Publisher):
         def add() -> None:
             with self.store.lock:
                 future.set_result(self.maps[unit].add_result(result))
+                seen = self._results.setdefault(unit, collections.OrderedDict())
+                seen.pop(result.result_id, None)
+                seen[result.result_id] = inspection.id
+                while len(seen) > _LABELLED_RESULTS:
+                    seen.popitem(last=False)
 
         loop = self.context.loop
         if loop is None or loop.is_closed():
@@ -265,7 +276,7 @@ class ModbusPublisher(Publisher):
     async def _command(self, unit: int, camera: str, action: CommandAction) -> None:
         error = ErrorCode.NONE
         try:
-            request = _command_request(camera, action)
+            request = _command_request(camera, action, self._results.get(unit, {}))
         except ApplianceError as exc:
             log.warning("modbus: command %s for %s refused: %s", action.code, camera, exc)
             request, error = None, ErrorCode.COMMAND_FAILED
@@ -326,6 +337,7 @@ class ModbusPublisher(Publisher):
                 threshold = cam.threshold.value if cam is not None else None
                 self.maps[unit].set_health(ready, bool(model_id), enabled, model_id, threshold)
                 self.maps[unit].set_alarm(alarm)
+                self.maps[unit].set_drift(cam is not None and cam.drift.get("state") == "drift")
                 seen = self.maps[unit].plc_heartbeat_changes
                 if seen and self._plc_beat.get(unit, (0, 0.0))[0] != seen:
                     self._plc_beat[unit] = (seen, now)
@@ -372,14 +384,16 @@ class ModbusPublisher(Publisher):
         return status, f"{config.host}:{config.port} is free; units {config.cameras}" + note
 
 
-def _command_request(camera: str, action: CommandAction) -> Any:
+def _command_request(camera: str, action: CommandAction, results: Mapping[int, str]) -> Any:
     """The daemon's typed command for a PLC's command code, ``None`` for an unknown code.
 
+    ``results`` maps the ResultIDs the PLC saw lately to their inspections (for LABEL and UNLABEL).
+
     Raises:
-        CommandError: the arguments are out of range (a threshold above 1000).
+        CommandError: the arguments are out of range (a threshold above 1000, an unknown ResultID or label).
 
     """
-    arg0 = action.args[0]
+    arg0, arg1 = action.args
     if action.code in (Command.ENABLE, Command.DISABLE):
         return EnableCommand(camera=camera, enabled=action.code == Command.ENABLE, who="modbus")
     if action.code == Command.BUNDLE_SLOT:
@@ -387,6 +401,16 @@ def _command_request(camera: str, action: CommandAction) -> Any:
     if action.code == Command.THRESHOLD:
         return parse_command({"cmd": "threshold", "camera": camera,
                               "value": None if arg0 == 0xFFFF else arg0 / 1000, "who": "modbus"})
+    if action.code in (Command.LABEL, Command.UNLABEL):
+        inspection = results.get(arg0)
+        if inspection is None:
+            raise CommandError(f"ResultID {arg0} is not one of the last {_LABELLED_RESULTS} results of {camera}")
+        if action.code == Command.UNLABEL:
+            return UnlabelCommand(inspection=inspection, camera=camera, who="modbus")
+        if arg1 not in (1, 2):
+            raise CommandError(f"label code {arg1}: 1 is good, 2 is defect")
+        return LabelCommand(inspection=inspection, label="good" if arg1 == 1 else "defect", camera=camera,
+                            who="modbus")
     return None
 
 

@@ -80,9 +80,9 @@ class MqttConfig(PublisherConfig):
     drain_s: float = Field(3.0, ge=0, le=60, description="at an orderly stop, seconds to wait for unsent "
                                                          "results (the rest are sent after the restart)")
     commands: bool = Field(True, description="accept commands on <prefix>/<camera>/cmd/<name>")
-    allow: tuple[Literal["trigger", "threshold", "reload", "enable", "bundle"], ...] = Field(
+    allow: tuple[Literal["trigger", "threshold", "reload", "enable", "bundle", "label", "unlabel"], ...] = Field(
         COMMANDS, description="the commands accepted (others are refused): trigger, threshold, reload by default; "
-                              "enable and bundle on request")
+                              "enable, bundle, label and unlabel on request")
     command_token: SecretStr | None = Field(None, description="if set, a command must carry it as 'token'")
 
     @field_validator("prefix")
@@ -191,6 +191,7 @@ class MqttPublisher(Publisher):
         self._seen_connections = 0
         self._failed_connects = 0
         self._status_keys: dict[str, tuple[Any, ...]] = {}
+        self._drift_keys: dict[str, tuple[Any, ...]] = {}
         self._status_due = self._status_check_at = 0.0
         self.sent = self.failed = self.dropped = 0
         token = config.command_token
@@ -412,6 +413,7 @@ class MqttPublisher(Publisher):
             self._seen_connections = self._connections
             self._hold = set(self._inflight)
             self._status_keys.clear()
+            self._drift_keys.clear()
         if self._hold:
             return  # nothing newer may overtake the resent results
         room = self.config.inflight - len(self._inflight)
@@ -474,6 +476,13 @@ class MqttPublisher(Publisher):
         snapshot = self.context.status()
         alarms = [a.model_dump(mode="json") for a in snapshot.daemon.alarms]
         for camera, cam in snapshot.cameras.items():
+            drift = cam.drift
+            key = (drift.get("state"), drift.get("windows"))
+            if periodic or self._drift_keys.get(camera) != key:  # retained: a new subscriber sees the state at once
+                self._drift_keys[camera] = key
+                self._client.publish(wire.drift_topic(self.config.prefix, camera),
+                                     json.dumps({"camera": camera, **drift, "at": wire.iso_utc(time.time())},
+                                                default=str), qos=1, retain=True)
             status = wire.camera_status(camera, cam.model_dump(mode="json"), time.time(), alarms)
             key = wire.status_key(status)
             if periodic or self._status_keys.get(camera) != key:

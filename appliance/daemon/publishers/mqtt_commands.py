@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: Commands MQTT accepts unless ``allow`` says otherwise.
 COMMANDS = ("trigger", "threshold", "reload")
 #: Commands MQTT may be allowed to carry (the daemon's commands that a line's machines may send).
-REMOTE = ("trigger", "threshold", "reload", "enable", "bundle")
+REMOTE = ("trigger", "threshold", "reload", "enable", "bundle", "label", "unlabel")
 _ENVELOPE = ("id", "token")
 
 

@@ -51,6 +51,11 @@ def status_topic(prefix: str, camera: str) -> str:
     return f"{prefix}/{camera}/status"
 
 
+def drift_topic(prefix: str, camera: str) -> str:
+    """A camera's retained drift state."""
+    return f"{prefix}/{camera}/drift"
+
+
 def command_filter(prefix: str) -> str:
     """The subscription for every camera's commands (our own replies match it too and are ignored)."""
     return f"{prefix}/+/cmd/+"
@@ -121,7 +126,7 @@ def camera_status(camera: str, snapshot: dict[str, Any], at: float, alarms: list
         "model_id": bundle.get("model_id"),
         "last": None if last is None else {k: last.get(k) for k in (
             "id", "seq", "verdict", "score", "threshold", "finished_at", "trigger_id")},
-        "alarms": alarms or [],
+        "alarms": alarms or [], "drift": (snapshot.get("drift") or {}).get("state"),
         "at": iso_utc(at), "at_epoch": at,
     }
 
@@ -131,4 +136,4 @@ def status_key(status: dict[str, Any]) -> tuple[Any, ...]:
     last = status.get("last") or {}
     return (status.get("state"), status.get("state_detail"), status.get("ready"), last.get("verdict"), json.dumps(
         status.get("threshold"), sort_keys=True, default=str), status.get("model_id"),
-        json.dumps([a.get("kind") for a in status.get("alarms") or []]))
+        json.dumps([a.get("kind") for a in status.get("alarms") or []]), status.get("drift"))

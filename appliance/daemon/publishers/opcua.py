@@ -27,6 +27,7 @@ from asyncua.server.user_managers import UserManager
 from pydantic import Field, field_validator, model_validator
 
 from ...errors import ApplianceError, PublishError
+from ..commands import parse_command
 from ..records import Inspection
 from .base import Delivery, OutputContext, Publisher, PublisherConfig, register_publisher, run_on_loop
 
@@ -50,6 +51,7 @@ VARIABLES: dict[str, tuple[ua.VariantType, Any]] = {
     "CapturedAt": (ua.VariantType.DateTime, dt.datetime(1970, 1, 1, tzinfo=dt.UTC)),
     "FinishedAt": (ua.VariantType.DateTime, dt.datetime(1970, 1, 1, tzinfo=dt.UTC)),
     "ResultCount": (ua.VariantType.UInt32, 0), "Alarms": (ua.VariantType.String, ""),
+    "Drift": (ua.VariantType.Boolean, False), "DriftState": (ua.VariantType.String, ""),
 }
 
 
@@ -173,6 +175,9 @@ class OpcUaPublisher(Publisher):
                          for name, (vtype, value) in VARIABLES.items()}
                 nodes["Trigger"] = await obj.add_method(idx, "Trigger", self._trigger_method(cam),
                                                         [ua.VariantType.String], [ua.VariantType.Boolean])
+                nodes["Label"] = await obj.add_method(idx, "Label", self._label_method(cam),
+                                                      [ua.VariantType.String, ua.VariantType.String,
+                                                       ua.VariantType.String], [ua.VariantType.String])
                 self._nodes[cam] = nodes
             await server.start()
         except (OSError, ValueError) as exc:
@@ -251,6 +256,24 @@ class OpcUaPublisher(Publisher):
 
         return trigger
 
+    def _label_method(self, camera: str) -> Any:
+        async def label(parent: ua.NodeId, inspection: Any, verdict: Any, note: Any
+                        ) -> list[ua.Variant] | ua.StatusCode:
+            """Label(InspectionId, "good"|"defect", Note) -> the label's id (empty Note: none)."""
+            values = [v.Value if isinstance(v, ua.Variant) else v for v in (inspection, verdict, note)]
+            try:
+                if self.context.control is None:
+                    raise PublishError("the daemon gave this output no control handler")
+                command = parse_command({"cmd": "label", "inspection": values[0], "label": values[1],
+                                         "note": values[2] or None, "camera": camera, "who": "opcua"})
+                result = await self.context.control(command)
+            except ApplianceError as exc:
+                log.warning("opcua: label for %s refused: %s", camera, exc)
+                return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
+            return [ua.Variant(result["label_id"], ua.VariantType.String)]
+
+        return label
+
     async def _refresh_forever(self) -> None:
         while True:
             try:
@@ -273,7 +296,9 @@ class OpcUaPublisher(Publisher):
             await self._write(cam, {"Ready": s is not None and s.ready and not self._closing,
                                     "Enabled": s is not None and s.enabled, "ModelLoaded": bool(model_id),
                                     "ModelId": model_id, "Threshold": float(s.threshold.value) if s else 0.0,
-                                    "Alarms": ", ".join(alarms)})
+                                    "Alarms": ", ".join(alarms),
+                                    "Drift": s is not None and s.drift.get("state") == "drift",
+                                    "DriftState": s.drift.get("state", "off") if s is not None else ""})
 
     # ------------------------------------------------------------ status, doctor
     def state(self) -> dict[str, Any]:

@@ -291,10 +291,96 @@
     text("trend-info", items.length ? "last " + items.length + " inspections \u00b7 " + ng + " NG" : "no inspections yet");
   }
 
+  // ---------------------------------------------------------------- drift and labels
+
+  function renderDrift(cam) {
+    const d = obj(cam.drift);
+    const el = $("drift");
+    el.hidden = !d.state || d.state === "off";
+    if (el.hidden) return;
+    el.className = "pill " + (d.state === "drift" ? "s-bad" : d.state === "ok" ? "s-good" : "s-warn");
+    const last = obj(d.last);
+    text("drift", d.state === "drift" ? "DRIFT" : "drift " + d.state.replace("_", " "));
+    el.title = isNum(last.p_value) ? "last window: " + last.size + " frames, p " + last.p_value.toPrecision(2) : "";
+  }
+
+  // Labelling is a write: the page asks for an operator token once (kept for this tab only) and sends it with
+  // each label; without one the buttons stay hidden and the page is read-only.
+  const TOKEN_KEY = "appliance-label-token";
+  let shown = null; // the inspection the verdict box shows
+  let labelled = {}; // inspection id -> label id, from this page's own labels
+
+  function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+  function renderLabelling(last) {
+    shown = last;
+    const signed = !!token();
+    const can = signed && last && last.verdict !== "error";
+    $("sign-in").textContent = signed ? "Sign out" : "Sign in to label";
+    $("label-good").hidden = !can || last.verdict !== "ng";
+    $("label-defect").hidden = !can || last.verdict === "ng";
+    $("label-undo").hidden = !signed || !last || !labelled[last.id];
+  }
+
+  async function post(url, payload) {
+    const res = await fetch(url, {
+      method: "POST", cache: "no-store",
+      headers: { "Content-Type": "application/json", Authorization: "Bearer " + token() },
+      body: JSON.stringify(payload || {}),
+    });
+    const answer = await res.json().catch(() => ({}));
+    if (res.status === 401) sessionStorage.removeItem(TOKEN_KEY);
+    if (!res.ok) throw new Error(answer.error || "HTTP " + res.status);
+    return answer;
+  }
+
+  async function label(kind) {
+    if (!shown) return;
+    const id = shown.id;
+    text("label-result", "labelling…");
+    try {
+      const r = await post("../api/inspections/" + encodeURIComponent(id) + "/label", { label: kind });
+      labelled[id] = r.label_id;
+      const learned = obj(r.learned);
+      text("label-result", "#" + shown.seq + " labelled " + kind + (isNum(learned.rows)
+        ? ": learned " + learned.rows + " patches (score " + fmt(learned.score_before, 3) + " → "
+          + fmt(learned.score_after, 3) + ")" : r.note ? ": " + r.note : ""));
+    } catch (err) {
+      text("label-result", "not labelled: " + err.message);
+    }
+    renderLabelling(shown);
+  }
+
+  async function undo() {
+    if (!shown || !labelled[shown.id]) return;
+    try {
+      await post("../api/labels/" + encodeURIComponent(labelled[shown.id]) + "/undo");
+      delete labelled[shown.id];
+      text("label-result", "label undone");
+    } catch (err) {
+      text("label-result", "not undone: " + err.message);
+    }
+    renderLabelling(shown);
+  }
+
+  $("label-good").addEventListener("click", () => label("good"));
+  $("label-defect").addEventListener("click", () => label("defect"));
+  $("label-undo").addEventListener("click", undo);
+  $("sign-in").addEventListener("click", () => {
+    if (token()) sessionStorage.removeItem(TOKEN_KEY);
+    else {
+      const given = window.prompt("Operator token (from the appliance's http output, label_tokens)");
+      if (given) sessionStorage.setItem(TOKEN_KEY, given.trim());
+    }
+    renderLabelling(shown);
+  });
+
   function render(status, recent) {
     const cam = obj(obj(status.cameras)[camera]);
     const items = Array.isArray(recent.items) ? recent.items : [];
     const last = items.length ? items[items.length - 1] : null;
+    renderDrift(cam);
+    renderLabelling(last);
     renderVerdict(last);
     renderScore(last, cam);
     renderCounts(cam, recent);
