@@ -169,7 +169,7 @@ ln -s "$PREFIX/bin/appliance" "$STAGE/usr/bin/appliance"
 install -m 0644 "$REPO/systemd/$PACKAGE.service" "$STAGE/lib/systemd/system/$PACKAGE.service"
 install -m 0644 "$HERE/config.toml" "$STAGE/etc/$PACKAGE/config.toml"
 install -m 0644 "$HERE/copyright" "$STAGE/usr/share/doc/$PACKAGE/copyright"
-for doc in install daemon mqtt modbus-register-map opcua; do
+for doc in install daemon learning mqtt modbus-register-map opcua; do
     install -m 0644 "$REPO/docs/$doc.md" "$STAGE/usr/share/doc/$PACKAGE/$doc.md"
 done
 install -m 0644 "$HERE/lintian-overrides" "$STAGE/usr/share/lintian/overrides/$PACKAGE"
