@@ -23,12 +23,12 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import fsync_folder, write_atomic
 from .bundle import GOLDEN_TOLERANCE
 from .engine import Engine, Learned
 from .errors import ApplianceError, BundleError
@@ -41,25 +41,6 @@ FORMAT_VERSION = 1
 INDEX = "index.json"
 _ENTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TMP = ".tmp"
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` or nothing: a temporary sibling, fsynced, renamed over it, the folder fsynced."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _entry_bytes(learned: Learned) -> bytes:
@@ -176,7 +157,7 @@ class DeltaStore:
                 path.unlink()
                 removed.append(path.name)
         if removed:
-            _fsync_dir(self.folder)
+            fsync_folder(self.folder)
             log.warning("bank delta %s: removed %s, which no index named (an interrupted write)", self.folder,
                         ", ".join(sorted(removed)))
 
@@ -201,10 +182,10 @@ class DeltaStore:
                               f"{self.max_rows}); a rebuild is due")
         if not self.folder.is_dir():
             self.folder.mkdir(parents=True)
-            _fsync_dir(self.folder.parent)  # the folder itself survives a power cut
+            fsync_folder(self.folder.parent)  # the folder itself survives a power cut
         data = _entry_bytes(learned)
         name = f"{learned.entry_id}.npz"
-        _write_atomic(self.folder / name, data)
+        write_atomic(self.folder / name, data, sync_folder=True)
         record = {"id": learned.entry_id, "file": name, "sha256": hashlib.sha256(data).hexdigest(),
                   "rows": int(learned.rows.shape[0])}
         self._commit([*entries, record], golden)
@@ -222,12 +203,12 @@ class DeltaStore:
             raise BundleError(f"{self.folder}: no stored entry {entry_id!r}")
         self._commit([rec for rec in entries if rec["id"] != entry_id], golden)
         (self.folder / f"{entry_id}.npz").unlink(missing_ok=True)
-        _fsync_dir(self.folder)
+        fsync_folder(self.folder)
 
     def _commit(self, entries: list[dict], golden: list[float]) -> None:
         index = {"format": FORMAT, "version": FORMAT_VERSION, "model_id": self.model_id,
                  "base_identity": self.base_identity, "entries": entries, "golden": [float(v) for v in golden]}
-        _write_atomic(self.folder / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+        write_atomic(self.folder / INDEX, json.dumps(index, indent=1) + "\n", sync_folder=True)
         self._entries, self._golden = entries, [float(v) for v in golden]
 
 

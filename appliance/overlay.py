@@ -15,15 +15,12 @@ once (``encode_overlay``) for every place it goes. ``bench/overlay_bench.py`` ha
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import io
 import json
 import math
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +33,7 @@ import piexif.helper
 from PIL import Image
 
 from . import __version__
+from .atomic import write_atomic
 from .errors import ApplianceError, ImageError
 from .imaging import to_rgb8
 from .png import encode_png
@@ -410,7 +408,7 @@ def write_png(path: str | Path, data: bytes) -> Path:
     path = _png_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, data)
+        write_atomic(path, data)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApplianceError(f"cannot write overlay {path}: disk full ({exc.strerror}); free space on that "
@@ -456,25 +454,6 @@ def _json_default(value: object) -> object:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)  # Path, datetime and the like
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600; the HMI server may run as another user
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- reading

@@ -17,7 +17,7 @@ import piexif.helper
 import pytest
 from PIL import Image
 
-from appliance import __version__, overlay, png
+from appliance import __version__, atomic, overlay, png
 from appliance.errors import ApplianceError, ImageError
 from appliance.imaging import to_rgb8
 from appliance.overlay import (
@@ -227,7 +227,7 @@ def test_disk_full_raises_appliance_error_and_leaves_nothing(tmp_path, monkeypat
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), name
 
-    monkeypatch.setattr(overlay.tempfile, "mkstemp", mkstemp_on_full_disk)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp_on_full_disk)
     with pytest.raises(ApplianceError, match="disk full") as info:
         save_overlay(path, np.full((64, 64, 3), 7, np.uint8), metadata())
     assert str(path) in str(info.value)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from ..atomic import write_atomic
 from ..errors import ApplianceError, ConfigError
 from .config import DaemonConfig
 from .thresholds import check_overrides, resolve
@@ -138,11 +138,9 @@ class ThresholdStore:
         return out
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"operator": self._overrides, "learned": self._learned}, indent=2,
-                                      sort_keys=True) + "\n")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps({"operator": self._overrides, "learned": self._learned}, indent=2,
+                                               sort_keys=True) + "\n")
         except OSError as exc:
             raise ConfigError(f"cannot keep the operator threshold in {self.path}: {exc.strerror or exc}; it "
                               "applies now but would not survive a restart") from None

@@ -17,7 +17,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from appliance import overlay as overlay_module
+from appliance import atomic
 from appliance.daemon.disk import DiskConfig, DiskGuard
 from appliance.daemon.latest import LatestImages
 from appliance.daemon.publishers import PUBLISHERS, OutputContext, create_publisher
@@ -319,7 +319,7 @@ def test_a_full_disk_gives_publish_error_and_leaves_nothing_half_written(tmp_pat
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), name
 
-    monkeypatch.setattr(overlay_module.tempfile, "mkstemp", mkstemp_on_full_disk)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp_on_full_disk)
     with pytest.raises(PublishError, match="disk full"):
         out.publish(record("ng"))
     assert overlay_files(tmp_path) == [kept]

@@ -23,8 +23,6 @@ import collections
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any, ClassVar, Literal
 import cv2
 from pydantic import Field, field_validator
 
+from ...atomic import write_atomic
 from ...errors import PublishError
 from ...imaging import IMAGE_SUFFIXES
 from ..records import ERROR, NG, Inspection
@@ -180,7 +179,7 @@ class FramesPublisher(Publisher):
             return None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_synced(path, data)
+            write_atomic(path, data, mode=0o640)
         except OSError as exc:
             raise PublishError(f"frames output: cannot write {path}: {exc.strerror or exc}") from exc
         with self._lock:
@@ -244,22 +243,4 @@ class FramesPublisher(Publisher):
                        for c, f in self._files.items()}
         return {"dir": str(self.root), "cameras": cameras, "kept": dict(self.kept), "pinned": len(self.pinned)}
 
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary next to ``path``, fsync, rename: all of the file or none of it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, 0o640)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 

@@ -21,7 +21,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import socket
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from ...atomic import write_atomic
 from ...errors import ApplianceError, PublishError
 from ..commands import BundleCommand, CommandError, EnableCommand, LabelCommand, UnlabelCommand, parse_command
 from ..modbus_map import (
@@ -132,10 +132,8 @@ class TriggerIdFile:
     def save(self, camera: str, trigger_id: int) -> None:
         """Keep ``trigger_id`` as ``camera``'s last; never raises."""
         self.ids[camera] = trigger_id
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.ids, sort_keys=True) + "\n")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(self.ids, sort_keys=True) + "\n", sync=False)
         except OSError as exc:
             self.write_errors += 1
             now = time.monotonic()

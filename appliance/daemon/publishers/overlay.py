@@ -27,12 +27,12 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
+from ...atomic import write_atomic
 from ...errors import ApplianceError, ConfigError, PublishError
 from ...imaging import to_rgb8
 from ...overlay import (
     OTHER_VERDICT_RGB,
     PAD_RGB,
-    _write_atomic,
     encode_overlay,
     fill,
     letterbox,
@@ -407,7 +407,7 @@ class OverlayPublisher(Publisher):
             folder.mkdir(parents=True, exist_ok=True)
             latest = folder / LATEST
             if source is None or not _link_atomic(source, latest):
-                _write_atomic(latest, data)
+                write_atomic(latest, data)
             self._latest_at[rec.camera] = rec.captured_at
 
     def _latest_failed(self, error: str | None) -> None:
