@@ -422,3 +422,13 @@ def _register_daemon() -> None:
 
 
 _register_daemon()
+
+
+def _register_trainer() -> None:
+    """The central trainer's commands (appliance trainer serve, worker, add-appliance, jobs, approve...)."""
+    from .trainer.cli import register
+
+    register(app)
+
+
+_register_trainer()

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from appliance_models import backbone_dir
+from servers import pg_server, postgres_url, seaweed_s3, seaweed_server  # noqa: F401  (fixtures)
 from skimage import data
 
 

@@ -135,6 +135,7 @@ class Daemon:
                                 loop=self.loop, trigger=self.trigger, control=self.dispatcher.dispatch,
                                 outbox=self.recorder, disk=self.disk, latest=LatestImages())
         self.outputs = Outputs([create_publisher(o, context) for o in cfg.outputs], self._delivered)
+        context.extra["frames"] = self.outputs.get("frames")  # the uploader sends what the frame store keeps
         self.flow = ResultFlow(self.recorder, self.outputs, [self.metrics.observe, self.drift.observe])
         frames = self.outputs.get("frames")
         self.drift_log = DriftLog(self.drift, self.recorder, frames if isinstance(frames, FramesPublisher) else None,

@@ -23,7 +23,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import free_port
+from harness import free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, audit_rows, camera, replay_folder, write_config
+from harness import Daemon, audit_rows, camera, replay_folder, write_config
 
 from appliance.daemon.config import parse_config
 from appliance.errors import ConfigError

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import APPLIANCE, Daemon, audit_rows, camera, free_port, replay_folder, sample_images, write_config
+from harness import APPLIANCE, Daemon, audit_rows, camera, free_port, replay_folder, sample_images, write_config
 
 from appliance.overlay import read_overlay_metadata
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -19,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 from asyncua import Client
-from conftest import APPLIANCE, Daemon, audit_rows, camera, free_port, sample_images, write_config
+from harness import APPLIANCE, Daemon, audit_rows, camera, free_port, good_test_images, write_config
 from mqtt_broker import Subscriber, needs_mosquitto, running_broker
 from pymodbus.client import ModbusTcpClient
 
@@ -27,36 +26,6 @@ from appliance.daemon import modbus_map as mm
 
 pytestmark = pytest.mark.slow
 DRIFT = {"cadence_s": 3.0, "min_frames": 50, "raise_after": 2, "clear_after": 2}
-
-
-def good_test_images() -> list[Path]:
-    return [p for p in sample_images() if p.parent.name == "good"]
-
-
-@pytest.fixture(scope="module")
-def drift_bundle(tmp_path_factory: pytest.TempPathFactory, daemon_cache: Path) -> Path:
-    """A PaDiM bundle whose calibration (and drift baseline) is the sample's good test images.
-
-    The replays below are made of those same images, so an unshifted replay is exactly the
-    baseline's distribution: this tests the daemon's wiring of the watch end to end. Its
-    false-alarm rate on frames it never saw, and its detection delays, are measured on the full
-    ball-screw set by bench/drift_bench.py.
-    """
-    root = tmp_path_factory.mktemp("drift-data")
-    for image in sample_images("train"):
-        (root / "train" / "good").mkdir(parents=True, exist_ok=True)
-        shutil.copy(image, root / "train" / "good" / image.name)
-    for image in good_test_images():
-        (root / "validation" / "good").mkdir(parents=True, exist_ok=True)
-        shutil.copy(image, root / "validation" / "good" / image.name)
-    out = tmp_path_factory.mktemp("drift-bundle") / "bundle"
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(daemon_cache / "numba"))
-    done = subprocess.run([str(APPLIANCE), "fit", str(root), "--out", str(out), "--scorer", "padim", "--size", "128",
-                           "--cache-dir", str(daemon_cache / "openvino"), "-q"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr + done.stdout
-    assert json.loads((out / "manifest.json").read_text())["drift"], "the bundle records a drift baseline"
-    return out
 
 
 def good_frames(folder: Path, count: int, gain: float = 1.0, start: int = 0) -> None:

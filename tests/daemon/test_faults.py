@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import APPLIANCE, Daemon, audit_rows, camera, free_port, replay_folder, sample_images, write_config
+from harness import APPLIANCE, Daemon, audit_rows, camera, free_port, replay_folder, sample_images, write_config
 
 pytestmark = pytest.mark.slow
 

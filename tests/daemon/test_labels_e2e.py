@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import APPLIANCE, Daemon, audit_rows, camera, free_port, sample_images, write_config
+from harness import APPLIANCE, Daemon, audit_rows, camera, free_port, sample_images, write_config
 
 from appliance.errors import ApplianceError
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import free_port
+from harness import free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mqtt_broker import Subscriber, needs_mosquitto, running_broker, wait_until

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import Daemon, audit_rows, camera, replay_folder, sample_images, write_config
+from harness import Daemon, audit_rows, camera, replay_folder, sample_images, write_config
 from mqtt_broker import Broker, Subscriber, first_seen, needs_mosquitto, running_broker
 
 pytestmark = [pytest.mark.slow, needs_mosquitto]

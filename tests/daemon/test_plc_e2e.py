@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from asyncua import Client, ua
-from conftest import Daemon, audit_rows, camera, free_port, replay_folder, write_config
+from harness import Daemon, audit_rows, camera, free_port, replay_folder, write_config
 from plc import EN, S, control, score_of, wait_bits
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
