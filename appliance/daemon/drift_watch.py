@@ -207,9 +207,12 @@ class DriftLog:
                 continue
             if kept is not None:
                 stored.append({"inspection_id": rec.id, "frame": kept.path})
+        # window_from: the raising window's first frame, where the new normal begins if a person accepts it
+        first = min((rec.captured_at for rec in keep), default=None)
         self.recorder.event("drift_raised", camera, f"drift raised after {self.config.raise_after} significant "
                             f"windows: scores shifted {result.score_shift:+.3g}, component {result.component} by "
-                            f"{result.component_shift:+.2f} sd (p {result.p_value:.3g})", stats | {"frames": stored})
+                            f"{result.component_shift:+.2f} sd (p {result.p_value:.3g})",
+                            stats | {"frames": stored, "window_from": first})
         log.warning("camera %s: drift raised (p %.3g)", camera, result.p_value, extra={"camera": camera})
 
     def report(self, cameras: list[str]) -> dict[str, Any]:

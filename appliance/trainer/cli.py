@@ -328,6 +328,30 @@ def camera(appliance_id: Annotated[str, typer.Argument(metavar="APPLIANCE")],
                                       f"{cam.backend}, schedule {cam.schedule or 'none'}, model {cam.model_id}")
 
 
+@trainer_app.command()
+def datasets(appliance_id: Annotated[str | None, typer.Option("--appliance", help="only this appliance's")] = None,
+             camera_id: Annotated[str | None, typer.Option("--camera", help="only this camera's")] = None,
+             config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
+    """List dataset versions (the rule each was drawn by, counts per split), newest first."""
+    with _service(_load(config)) as service:
+        found = service.datasets(appliance_id, camera_id)
+    lines = [f"{d.id:>6}  {d.appliance_id}/{d.camera_id} v{d.version}  {_when(d.created_at)}  "
+             + " ".join(f"{k} {v}" for k, v in d.counts.items()) + f"  {d.digest[:12]}" for d in found]
+    _print([d.model_dump() for d in found], as_json, "\n".join(lines) or "no dataset versions")
+
+
+@trainer_app.command()
+def export(dataset_id: Annotated[int, typer.Argument(metavar="DATASET_ID")],
+           out: Annotated[Path, typer.Argument(help="a new (or empty) folder")],
+           config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Write a dataset version as an MVTec folder (train/good, test/good, test/defect, dataset.json) for fit."""
+    from .datasets import export as export_dataset
+
+    with _service(_load(config)) as service:
+        folder = export_dataset(service.storage, dataset_id, out)
+    typer.echo(f"dataset {dataset_id} written to {folder}: appliance fit {folder} --out BUNDLE")
+
+
 @config_app.command("example")
 def config_example() -> None:
     """Print a commented example trainer.toml (it passes `appliance trainer config check`)."""

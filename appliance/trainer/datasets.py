@@ -8,11 +8,15 @@ The rule, in order:
 
 1. Labels in force at ``until``: each inspection's newest label given before ``until`` and not undone by then.
 2. Good frames: frames labelled good (captured before ``until``), plus frames whose verdict was ``ok`` captured
-   in ``[since, until)`` and not labelled defect; the newest ``max_good`` of them are kept.
-3. Curation: of the unlabelled ``ok`` frames, those whose recorded score (the model that was running when the
+   in ``[since, until)`` and not labelled defect; the newest ``max_good`` of them are kept. After an accepted
+   drift (``normal_since``, set by a drift rebuild that a person approved or the camera's ``auto`` policy
+   allowed), every frame captured from ``normal_since`` on counts as good whatever the running model said,
+   unless labelled defect: the old model rejects the new normal, which is what the rebuild must learn.
+3. Curation: of the unlabelled frames, those whose recorded score (the model that was running when the
    frame was captured) is above the ``outlier_quantile`` of their scores are dropped: an ``ok`` near the
-   threshold may be an unnoticed defect. A frame an operator labelled good is never dropped: it is often a
-   false reject the model should learn.
+   threshold may be an unnoticed defect. The new normal's frames are judged among themselves (the old
+   model's scores of them are shifted as a whole), the others among themselves. A frame an operator
+   labelled good is never dropped: it is often a false reject the model should learn.
 4. Splits: ``eval_defect`` = frames labelled defect (captured before ``until``); ``eval_good`` = the good frames
    whose inspection id hashes below ``eval_share`` (so new frames never move an old frame between splits);
    ``train`` = the other good frames. A frame labelled defect is never a good one.
@@ -65,6 +69,7 @@ def select(frames: Iterable[Frame], labels: Iterable[Label], rule: DatasetRule) 
     """The members of a dataset version (sorted by split, then inspection id); pure."""
     state = labels_at(labels, rule.until)
     since = float("-inf") if rule.since is None else rule.since
+    normal = float("inf") if rule.normal_since is None else max(rule.normal_since, since)
     good: list[Frame] = []
     defect: list[Frame] = []
     for f in frames:
@@ -73,10 +78,14 @@ def select(frames: Iterable[Frame], labels: Iterable[Label], rule: DatasetRule) 
         label = state.get(f.inspection_id)
         if label == "defect":
             defect.append(f)
-        elif label == "good" or (f.verdict == "ok" and f.captured_at >= since):
+        elif label == "good" or (f.verdict == "ok" and f.captured_at >= since) or f.captured_at >= normal:
             good.append(f)
     good.sort(key=lambda f: (-f.captured_at, f.inspection_id))
-    good = _drop_outliers(good[: rule.max_good], state, rule.outlier_quantile)
+    good = good[: rule.max_good]
+    new = [f for f in good if f.captured_at >= normal]
+    old = [f for f in good if f.captured_at < normal]
+    kept = {f.inspection_id for group in (new, old) for f in _drop_outliers(group, state, rule.outlier_quantile)}
+    good = [f for f in good if f.inspection_id in kept]
     members = [DatasetMember(frame=f.blob, inspection_id=f.inspection_id,
                              split="eval_good" if in_eval(f.inspection_id, rule.eval_share) else "train")
                for f in good]

@@ -31,13 +31,15 @@ from .datasets import FOLDERS, create_version, export, member_file
 from .gate import GateResult, Golden, ModelScores, decide
 from .queue import Handler, JobQueue
 from .records import Camera, DatasetMember, DatasetRule, Frame, Job, Model
-from .storage.base import Storage
+from .storage.base import Catalogue, Storage
 
 log = logging.getLogger(__name__)
 
 #: Scorers this trainer fits (anomalib backends come later).
 BACKENDS = ("patchcore", "padim")
 DAY_S = 86400.0
+#: How far ahead of the trainer's clock an appliance's may be when a drift event is matched to its job.
+CLOCK_SKEW_S = 300.0
 
 
 class RebuildRefusedError(ApplianceError):
@@ -107,7 +109,8 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
         raise RebuildRefusedError(f"size {text!r}: expected '256' or '256x624'") from None
 
 
-def plan(camera: Camera, defaults: RebuildConfig, now: float, cache_dir: Path | None = None) -> Plan:
+def plan(camera: Camera, defaults: RebuildConfig, now: float, cache_dir: Path | None = None,
+         normal_since: float | None = None) -> Plan:
     """The fit options and dataset rule of a camera's rebuild: its ``backend`` and ``settings`` over ``defaults``.
 
     The scorer is the camera's ``backend`` if one was set, else the kind of the model it runs (a model id
@@ -126,10 +129,29 @@ def plan(camera: Camera, defaults: RebuildConfig, now: float, cache_dir: Path | 
                          threads=own.threads or defaults.threads, cache_dir=str(cache_dir) if cache_dir else None)
     drawn = own.model_dump(include={"max_good", "outlier_quantile", "eval_share"}, exclude_none=True)
     try:
-        rule = DatasetRule(since=now - own.window_days * DAY_S, until=now, **drawn)
+        rule = DatasetRule(since=now - own.window_days * DAY_S, until=now, normal_since=normal_since, **drawn)
     except ValidationError as exc:
         raise RebuildRefusedError(f"camera settings: {_problems(exc)}") from None
     return Plan(options, rule)
+
+
+def new_normal_since(catalogue: Catalogue, job: Job) -> float | None:
+    """Where the new normal begins for a drift rebuild; ``None`` for other rebuilds.
+
+    A drift job runs only once a person approved it (or under ``auto``): from the first frame of the
+    window that raised the drift (``window_from``, else the event's time) frames are the new normal. The
+    event is the newest one raised up to the job's creation (the appliance's clock may be up to
+    ``CLOCK_SKEW_S`` ahead of the trainer's).
+    """
+    if job.reason != "drift":
+        return None
+    raised = [e for e in catalogue.drift_events(job.appliance_id, job.camera_id) if e.kind == "drift_raised"]
+    before = [e for e in raised if e.at <= job.created_at + CLOCK_SKEW_S] or raised
+    if not before:
+        return None
+    event = before[-1]
+    start = event.stats.get("window_from")
+    return float(start) if isinstance(start, int | float) else event.at
 
 
 def _problems(exc: ValidationError) -> str:
@@ -182,7 +204,7 @@ def _rebuild(ctx: RebuildContext, job: Job, folder: Path, outcome: dict) -> None
     if camera is None:
         raise RebuildRefusedError(f"no camera {job.appliance_id}/{job.camera_id} in the catalogue")
     cache = ctx.folder / "cache"
-    p = plan(camera, ctx.config.rebuild, ctx.clock(), cache)
+    p = plan(camera, ctx.config.rebuild, ctx.clock(), cache, new_normal_since(catalogue, job))
     watch = Stopwatch()
     dataset = create_version(catalogue, job.appliance_id, job.camera_id, p.rule, at=ctx.clock())
     catalogue.update_job(job.id, dataset_id=dataset.id)

@@ -105,6 +105,8 @@ class DatasetRule(_Record):
                                                                    "good frames' scores under the running model are "
                                                                    "dropped (1: none)")
     eval_share: float = Field(0.2, ge=0, lt=1, description="share of good frames held out for the gate")
+    normal_since: float | None = Field(None, description="frames captured from then on are good whatever the "
+                                                         "running model said (an accepted drift: the new normal)")
 
 
 class DatasetMember(_Record):

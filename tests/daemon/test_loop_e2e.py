@@ -149,6 +149,18 @@ def test_drift_waits_for_approval_then_a_rebuild_from_its_own_dataset_passes_the
     assert set().union(*split.values()) <= {r["id"] for r in audit_a}  # nothing of edge-b's
     assert split["eval_defect"] == set(defects)  # the confirmed defects are the gate's defect set, only they
     assert not (split["train"] & split["eval_good"]) and not (set(defects) & split["train"])
+    # The approved drift made the brightened frames the new normal, though the running model rejected most.
+    raised_at = audit_rows(a.db, "events", "kind = 'drift_raised'")[0]["at"]
+    rejected_later = {r["id"] for r in audit_a if r["verdict"] == "ng" and r["captured_at"] >= raised_at} - set(defects)
+    learned = rejected_later & (split["train"] | split["eval_good"])
+    assert len(learned) >= 0.9 * len(rejected_later) > 0  # all but the curation's top 1 % (and unlabelled pits)
+    listed = json.loads(trainer.cli("datasets", "--appliance", "edge-a", "--json"))
+    assert [(d["id"], d["counts"]) for d in listed] == [(dataset.id, dataset.counts)]
+    trainer.cli("export", str(dataset.id), str(tmp_path / "export"))  # what a person refits from elsewhere
+    exported = {sub: len(list((tmp_path / "export" / sub).glob("*"))) for sub in ("train/good", "test/good",
+                                                                                  "test/defect")}
+    assert exported == {"train/good": dataset.counts["train"], "test/good": dataset.counts["eval_good"],
+                        "test/defect": dataset.counts["eval_defect"]}
     (model,) = trainer.read("models", "edge-a")
     assert (model.id, model.dataset_id, model.job_id) == (job.model_id, dataset.id, job.id)
     assert model.status == ("published" if job.status == "succeeded" else "refused")

@@ -184,3 +184,27 @@ def test_the_export_is_an_mvtec_folder_that_appliance_fit_takes(store: Storage, 
     assert images["train"] + images["calibration_good"] == dataset.counts["train"] and images["calibration_good"] >= 1
     with pytest.raises(Exception, match="not empty"):
         export(store, dataset.id, folder)
+
+
+def test_after_an_accepted_drift_the_new_normal_is_good_whatever_the_old_model_said(store: Storage) -> None:
+    images = sample_images("train/good")
+    for i in range(10):  # before the drift: the old model's ok frames are the good ones, its rejects are not
+        upload(store, images[i], f"before-{i}", T0 + i, verdict="ng" if i == 9 else "ok", score=0.01 * i)
+    for i in range(10):  # after it: the old model scores everything high and rejects most of it
+        upload(store, images[10 + i], f"after-{i}", T0 + 100 + i, verdict="ng" if i < 8 else "ok",
+               score=0.6 + 0.04 * i)
+    upload(store, images[20], "pitted", T0 + 120, verdict="ng", score=0.99)
+    label(store, "pitted", "defect", at=T0 + 130)
+    rule = DatasetRule(until=T0 + 200, outlier_quantile=1.0, eval_share=0.0)
+    plain = splits(draw(store.catalogue, APP, CAM, rule))
+    assert plain["train"] == {f"before-{i}" for i in range(9)} | {"after-8", "after-9"}
+    accepted = splits(draw(store.catalogue, APP, CAM, rule.model_copy(update={"normal_since": T0 + 100})))
+    assert accepted["train"] == {f"before-{i}" for i in range(9)} | {f"after-{i}" for i in range(10)}
+    assert accepted["eval_defect"] == {"pitted"}  # a confirmed defect stays one in the new normal
+    # Curation judges each side among its own scores: the old model's high scores of the new normal do not
+    # push it out as outliers of the old normal, and the top of each side goes. The 0.85 quantiles (linear):
+    # before 0.00..0.08 -> 0.068 (0.07 and 0.08 go); after 0.60..0.96 -> 0.906 (0.92 and 0.96 go).
+    curated = splits(draw(store.catalogue, APP, CAM, rule.model_copy(
+        update={"normal_since": T0 + 100, "outlier_quantile": 0.85})))
+    assert ({f"before-{i}" for i in range(9)} | {f"after-{i}" for i in range(10)}) - curated["train"] == {
+        "before-7", "before-8", "after-8", "after-9"}

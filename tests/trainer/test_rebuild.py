@@ -230,3 +230,22 @@ def test_the_cameras_settings_override_the_trainers_defaults() -> None:
         plan(cam.model_copy(update={"settings": {"windw_days": 7}}), defaults, 0.0)
     with pytest.raises(RebuildRefusedError, match="size"):
         plan(cam.model_copy(update={"settings": {"size": "big"}}), defaults, 0.0)
+
+
+def test_a_drift_rebuild_takes_the_new_normal_from_the_raising_window(storage: Storage) -> None:
+    from appliance.trainer.rebuild import new_normal_since
+    from appliance.trainer.records import DriftEvent
+
+    cat = storage.catalogue
+    cat.add_appliance(APP)
+    cat.upsert_camera(APP, CAM)
+    for event in (DriftEvent(id="e1", camera_id=CAM, kind="drift_raised", at=1000.0, stats={"window_from": 990.0}),
+                  DriftEvent(id="e2", camera_id=CAM, kind="drift_cleared", at=1100.0),
+                  DriftEvent(id="e3", camera_id=CAM, kind="drift_raised", at=2000.0)):  # an older appliance
+        cat.add_drift_event(APP, event)
+    first = cat.add_job(APP, CAM, "drift", "awaiting_approval", 1005.0, "")
+    second = cat.add_job(APP, CAM, "drift", "awaiting_approval", 2003.0, "")
+    request = cat.add_job(APP, CAM, "request", "queued", 2004.0, "")
+    assert new_normal_since(cat, first) == 990.0  # the raising window's first frame
+    assert new_normal_since(cat, second) == 2000.0  # no window_from: the event's time
+    assert new_normal_since(cat, request) is None  # only a drift rebuild accepts a new normal
