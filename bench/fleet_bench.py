@@ -1,7 +1,7 @@
 """A fleet trainer under load: 50+ simulated appliances, PostgreSQL + S3, one and two rebuild workers, on loopback.
 
     .venv/bin/python bench/fleet_bench.py --out bench/results/fleet [--appliances 50] [--frames 80] [--jobs 16] \
-        [--client-procs 2] [--quick] [--keep]
+        [--client-procs 2] [--repeats 20] [--burst 10] [--no-contention] [--quick] [--keep]
 
 Everything is real and local: a throwaway PostgreSQL cluster and SeaweedFS (``weed mini``, S3) started with the
 test suite's own helpers (``tests/servers.py``), ``appliance trainer serve --workers 0`` as a subprocess on a
@@ -49,7 +49,9 @@ Phases, each with the CPU seconds every part used (trainer, PostgreSQL, SeaweedF
 This machine has few cores (2 where it was written): the clients, the trainer, PostgreSQL, SeaweedFS and the
 workers all share them, so every figure is a figure of the whole loopback system, not of the trainer alone,
 and the one-to-two-workers ratio is bounded by the cores, not by the queue. The summary says so with the
-core count and the load average at the start. The full default run takes about 10 minutes on 2 cores.
+core count and the load average at the start, and every phase's CPU table has ``others``: the machine's busy time
+that none of the bench's processes used (other work on a shared machine). The full default run takes 4.5 to
+6.5 minutes on 2 cores (the --quick run about one minute).
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _proc_table() -> dict[int, tuple[int, float]]:
-    """Every process now: pid -> (ppid, CPU seconds of the process and its reaped children) for every process now."""
+    """Every process now: pid -> (ppid, CPU seconds of the process and of its reaped children)."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -462,21 +464,30 @@ def client_group(url: str, tasks: list[Task], now: float, start_at: float) -> Ou
     return total
 
 
-def run_clients(url: str, tasks: list[Task], procs: int, now: float, meter: CpuMeter | None = None) -> Outcome:
+def _pid(pause_s: float) -> int:
+    time.sleep(pause_s)
+    return os.getpid()
+
+
+def run_clients(url: str, tasks: list[Task], procs: int, now: float,
+                on_start: Callable[[], Any] | None = None) -> Outcome:
     """The tasks spread over ``procs`` spawned client processes (threads within each); their merged outcome.
 
-    ``meter`` starts once the processes are up, so their start-up is not counted.
+    The clock starts (and ``on_start`` is called) once every process is up and imported, so their start-up is
+    not counted.
+    Leaving the pool terminates its processes, so an error or Ctrl-C here leaves no client behind.
     """
     groups = [tasks[i::procs] for i in range(procs) if tasks[i::procs]]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(len(groups), mp_context=context) as pool:
-        list(pool.map(time.sleep, [0] * len(groups)))  # the processes are up and imported before the clock starts
+    with multiprocessing.get_context("spawn").Pool(len(groups)) as pool:
+        deadline = time.monotonic() + 120
+        while len(set(pool.map(_pid, [0.2] * len(groups), chunksize=1))) < len(groups):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the client processes did not start in 120 s")
         start_at = time.time() + 0.5
-        if meter is not None:
-            meter.start()
+        if on_start is not None:
+            on_start()
         total = Outcome()
-        for outcome in pool.map(client_group, [url] * len(groups), groups, [now] * len(groups),
-                                [start_at] * len(groups)):
+        for outcome in pool.starmap(client_group, [(url, g, now, start_at) for g in groups], chunksize=1):
             total.merge(outcome)
     return total
 
@@ -490,8 +501,8 @@ def upload_figures(out: Outcome, cpu: dict[str, float]) -> dict[str, Any]:
                          "finish": stats_ms(out.finish), "label": stats_ms(out.labels),
                          "report_camera_and_drift_event": stats_ms(out.drift)},
             "errors": len(out.errors), "error_samples": out.errors[:20], "cpu_s": cpu,
-            "cpu_ms_per_frame": {k: round(v * 1000 / max(out.frames, 1), 1) for k, v in cpu.items()
-                                 if k not in ("wall_s",)}}
+            "cpu_ms_per_frame": {k: round(v * 1000 / max(out.frames, 1), 1) for k, v in cpu.items() if k != "wall_s"},
+            "cores_busy": {k: round(v / cpu["wall_s"], 2) for k, v in cpu.items() if k != "wall_s"}}
 
 
 # ================================================================================== catalogue queries
@@ -580,29 +591,53 @@ def time_draws(storage: Any, cameras: list[str], repeats: int) -> tuple[dict[str
 
 # ================================================================================== rebuild rounds
 def start_workers(config: Path, count: int, folder: Path, tag: str) -> list[tuple[subprocess.Popen, Path, float]]:
-    """``count`` worker processes; returns once each logged that its queue worker runs."""
+    """``count`` worker processes; returns once each logged that its queue worker runs (stops them if not)."""
     started = []
-    for i in range(count):
-        logfile = folder / f"worker-{tag}-{i}.log"
-        started.append((start_process(["worker", "--config", str(config)], logfile), logfile, time.perf_counter()))
-    deadline = time.monotonic() + 120
-    for proc, logfile, _ in started:
-        while "worker with" not in logfile.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {logfile.name} not ready:\n{logfile.read_text()[-3000:]}")
-            time.sleep(0.1)
+    try:
+        for i in range(count):
+            logfile = folder / f"worker-{tag}-{i}.log"
+            started.append((start_process(["worker", "--config", str(config)], logfile), logfile,
+                            time.perf_counter()))
+        deadline = time.monotonic() + 120
+        for proc, logfile, _ in started:
+            while "worker with" not in logfile.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {logfile.name} not ready:\n{logfile.read_text()[-3000:]}")
+                time.sleep(0.1)
+    except BaseException:
+        for proc, _, _ in started:
+            stop_process(proc)
+        raise
     return started
 
 
 def wait_jobs(storage: Any, job_ids: list[int], timeout_s: float) -> list[Any]:
-    deadline = time.monotonic() + timeout_s
+    """The jobs once all ended (one catalogue query every half second)."""
+    deadline, wanted = time.monotonic() + timeout_s, set(job_ids)
     while True:
-        jobs = [storage.catalogue.job(i) for i in job_ids]
+        found = {j.id: j for j in storage.catalogue.jobs(limit=10_000) if j.id in wanted}
+        jobs = [found[i] for i in job_ids]
         if all(j.status in ENDED for j in jobs):
             return jobs
         if time.monotonic() > deadline:
             raise RuntimeError(f"jobs not ended after {timeout_s:.0f} s: {[(j.id, j.status) for j in jobs]}")
-        time.sleep(0.25)
+        time.sleep(0.5)
+
+
+def stage_seconds(storage: Any, jobs: list[Any]) -> dict[str, float]:
+    """Mean seconds per rebuild stage (dataset, export, fit, pack_and_store, evaluate) from the gate's records.
+
+    A model id is its bundle's content hash, so a rebuild from the same dataset version makes the same id again:
+    of a model's evaluations, the one made while this job ran is this job's.
+    """
+    found: dict[str, list[float]] = {}
+    for job in jobs:
+        for evaluation in storage.catalogue.evaluations(job.model_id) if job.model_id else []:
+            if not job.started_at <= evaluation.created_at <= job.finished_at:
+                continue
+            for stage, seconds in evaluation.metrics.get("seconds", {}).items():
+                found.setdefault(stage, []).append(seconds)
+    return {stage: round(float(np.mean(values)), 2) for stage, values in found.items()}
 
 
 def request_jobs(admin: Admin, cameras: list[str]) -> list[int]:
@@ -627,8 +662,8 @@ def rebuild_round(ctx: Bench, workers: int, tag: str, burst: Callable[[], Any] |
     """K jobs run by ``workers`` worker processes: makespan, jobs/hour, per-job times, statuses, peak RSS."""
     meter = CpuMeter(ctx.pids)
     meter.start()  # before the workers start: their CPU time (from wait4) includes their start-up
-    procs = start_workers(ctx.config, workers, ctx.logs, tag)
     burst_figures = None
+    procs = start_workers(ctx.config, workers, ctx.logs, tag)
     try:
         t0 = time.time()
         job_ids = request_jobs(ctx.admin, ctx.rebuild_cameras)
@@ -645,16 +680,18 @@ def rebuild_round(ctx: Bench, workers: int, tag: str, burst: Callable[[], Any] |
     for j in jobs:
         statuses[j.status] = statuses.get(j.status, 0) + 1
     run = [j.finished_at - j.started_at for j in jobs if j.started_at]
+    stages = stage_seconds(ctx.storage, jobs)
     row = {"workers": workers, "jobs": len(jobs),
            "makespan_s": round(makespan, 1), "jobs_per_hour": round(len(jobs) / makespan * 3600, 1),
            "jobs_per_hour_per_worker": round(len(jobs) / makespan * 3600 / workers, 1),
            "job_s": {"p50": round(float(np.median(run)), 1), "min": round(min(run), 1), "max": round(max(run), 1)},
-           "statuses": statuses,
+           "statuses": statuses, "stages_s_mean": stages,
+           "workers_cpu_s_per_job": round(workers_cpu / len(jobs), 1),
            "workers_peak_rss_mb": [round(u.ru_maxrss / 1024, 1) for u, _, _ in usages if u is not None],
            "worker_exit_codes": [p.returncode for p, _, _ in procs], "cpu_s": cpu,
            "jobs_detail": [{"id": j.id, "camera": f"{j.appliance_id}/{j.camera_id}", "status": j.status,
                             "s": round(j.finished_at - j.started_at, 1) if j.started_at else None,
-                            "dataset_id": j.dataset_id, "detail": j.detail} for j in jobs]}
+                            "dataset_id": j.dataset_id, "model_id": j.model_id, "detail": j.detail} for j in jobs]}
     if burst_figures is not None:
         row["burst"] = burst_figures
     return row
@@ -689,8 +726,8 @@ def phase_uploads(ctx: Bench) -> dict[str, Any]:
     log(f"phase 1: {len(ctx.appliances)} appliances x {args.frames} frames, {args.client_procs} client process(es)")
     load = QueryLoad(Admin(ctx.url, ctx.args.admin_token), ctx.appliances)
     meter = CpuMeter(ctx.pids)
-    load.start()
-    out = run_clients(ctx.url, tasks_for(ctx, CAMERA, 0, args.frames, drift=True), args.client_procs, ctx.now, meter)
+    out = run_clients(ctx.url, tasks_for(ctx, CAMERA, 0, args.frames, drift=True), args.client_procs, ctx.now,
+                      on_start=lambda: (meter.start(), load.start()))
     under_load = load.figures()
     load.admin.close()
     figures = upload_figures(out, meter.stop(clients=out.cpu_s))
@@ -741,7 +778,7 @@ def burst(ctx: Bench, start: int) -> Callable[[], dict[str, Any]]:
     def run() -> dict[str, Any]:
         meter = CpuMeter(ctx.pids)
         out = run_clients(ctx.url, tasks_for(ctx, BURST_CAMERA, start, start + ctx.args.burst, drift=False),
-                          ctx.args.client_procs, ctx.now, meter)
+                          ctx.args.client_procs, ctx.now, on_start=meter.start)
         figures = upload_figures(out, meter.stop(clients=out.cpu_s))
         figures["window"] = [out.first, out.last]
         return figures
@@ -754,8 +791,11 @@ def phase_rebuilds(ctx: Bench) -> dict[str, Any]:
     log(f"  1 worker: {one['makespan_s']} s, {one['jobs_per_hour']} jobs/h, {one['statuses']}")
     two = rebuild_round(ctx, 2, "two")
     log(f"  2 workers: {two['makespan_s']} s, {two['jobs_per_hour']} jobs/h, {two['statuses']}")
-    same = [a["dataset_id"] == b["dataset_id"] for a, b in zip(one["jobs_detail"], two["jobs_detail"], strict=True)]
-    return {"one_worker": one, "two_workers": two, "same_dataset_versions": all(same),
+    pairs = list(zip(one["jobs_detail"], two["jobs_detail"], strict=True))
+    same_models = sum(1 for a, b in pairs if a["model_id"] and a["model_id"] == b["model_id"])
+    return {"one_worker": one, "two_workers": two,
+            "same_dataset_versions": all(a["dataset_id"] == b["dataset_id"] for a, b in pairs),
+            "same_model_ids": same_models,
             "ratio_two_to_one": round(two["jobs_per_hour"] / one["jobs_per_hour"], 2)}
 
 
@@ -842,6 +882,8 @@ def summary(r: dict[str, Any]) -> str:
              f"  per upload (plan+PUT+finish) ms: {_pcts(u['latency_ms'])}"]
     lines += [f"    {step:<30} {_pcts(s)}" for step, s in u["steps_ms"].items()]
     lines.append(f"  CPU ms per frame: {u['cpu_ms_per_frame']}")
+    lines.append(f"  cores busy (of {m['cores']}): {u['cores_busy']}  ('others': work on this machine that is not "
+                 "the bench's)")
     for title, key in (("QUERIES during the uploads", None), ("QUERIES idle, catalogue full", "queries_after_uploads"),
                        ("QUERIES at the end (datasets, models, evaluations present)", "queries_at_end")):
         q = u["queries_under_load"]["routes"] if key is None else r[key]["routes"]
@@ -859,9 +901,14 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"  {x['workers']} worker(s): {x['jobs']} requested rebuilds in {x['makespan_s']} s: "
                      f"{x['jobs_per_hour']} jobs/h, {x['jobs_per_hour_per_worker']} per worker; job s p50 "
                      f"{x['job_s']['p50']} (min {x['job_s']['min']}, max {x['job_s']['max']}); {x['statuses']}; "
-                     f"peak RSS MB {x['workers_peak_rss_mb']}; CPU s {x['cpu_s']}")
+                     f"peak RSS MB {x['workers_peak_rss_mb']}")
+        cpu = x["cpu_s"]
+        lines.append(f"      stages s (mean): {x['stages_s_mean']}; worker CPU s per job {x['workers_cpu_s_per_job']}; "
+                     f"cores busy: workers {cpu['workers'] / cpu['wall_s']:.2f}, others "
+                     f"{cpu['others'] / cpu['wall_s']:.2f}, machine {cpu['machine'] / cpu['wall_s']:.2f}")
     lines.append(f"  ratio two workers / one (jobs/h): {b['ratio_two_to_one']}; same dataset versions in both "
-                 f"rounds: {b['same_dataset_versions']}")
+                 f"rounds: {b['same_dataset_versions']}; the same model id again: {b['same_model_ids']} of "
+                 f"{len(b['two_workers']['jobs_detail'])} (a bundle's id is its content hash)")
     reasons = sorted({(j["detail"] or "")[:160] for x in (b["one_worker"], b["two_workers"])
                       for j in x["jobs_detail"] if j["status"] != "succeeded"})
     lines += [f"    not published: {reason}" for reason in reasons[:6]]
@@ -917,6 +964,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     try:
         run(args, work, result)
+    except KeyboardInterrupt:
+        log("interrupted: every process the bench started has been stopped")
+        sys.exit(130)
     finally:
         if args.keep:
             log(f"kept {work}")

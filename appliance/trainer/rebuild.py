@@ -223,6 +223,13 @@ def _rebuild(ctx: RebuildContext, job: Job, folder: Path, outcome: dict) -> None
     model_id = report.engine.model_id
     report.engine.close()
     watch.lap("fit")
+    judged = _judged_already(catalogue.model(model_id), job)
+    if judged is not None:  # same frames and settings give the same bundle: its record and verdict stand
+        catalogue.update_job(job.id, model_id=model_id)
+        _end(ctx, job, "succeeded" if judged.status == "published" else "refused",
+             f"the rebuild gave model {model_id} again (dataset {dataset.id} v{dataset.version}: same frames and "
+             f"settings, same bundle); it stays {judged.status} as job {judged.job_id} decided")
+        return
     archive = pack(report.bundle, folder / f"{model_id}.tar.gz")
     key = f"bundles/{model_id}.tar.gz"
     blobs.put(key, archive)
@@ -332,6 +339,18 @@ def _running_scores_here(ctx: RebuildContext, model_id: str, members: list[Datas
         return score_members(engine, members, data)
     finally:
         engine.close()
+
+
+def _judged_already(existing: Model | None, job: Job) -> Model | None:
+    """The model record a rebuild must leave alone: one some other job judged (published or refused on its figures).
+
+    A candidate, this job's own, or one refused unevaluated (its job broke) is evaluated again.
+    """
+    if existing is None or existing.job_id == job.id or existing.status == "candidate":
+        return None
+    if existing.status == "refused" and (existing.detail or "").startswith("not evaluated"):
+        return None
+    return existing
 
 
 def _retry_or_fail(ctx: RebuildContext, job: Job, reason: str, model: Model | None) -> None:

@@ -38,7 +38,7 @@ def trainer(request: pytest.FixtureRequest, tmp_path: Path):
 def uploader_config(tmp_path: Path, bundle: Path, source: dict, trainer: Trainer, token_file: Path,
                     cache: Path) -> Path:
     return write_config(tmp_path / "config.toml", [camera("line1", bundle, source)],
-                        outputs=[{"type": "frames", "ok_per_hour": 1e6},
+                        outputs=[{"type": "frames", "ok_per_hour": 1e9},  # every OK frame: one per 3.6 µs
                                  {"type": "trainer", "url": trainer.url, "token_file": str(token_file),
                                   "timeout_s": 5}],
                         cache=cache)
@@ -106,9 +106,18 @@ def drop(hot: Path, source: Path, name: str) -> None:
     os.replace(tmp, hot / name)
 
 
+@pytest.fixture
+def embedded_trainer(tmp_path: Path):
+    """An embedded trainer, not started; killed at the end whatever happened."""
+    t = Trainer(trainer_config(None, tmp_path, "embedded"))
+    yield t
+    if t.proc is not None and t.proc.poll() is None:
+        t.stop(signal.SIGKILL)
+
+
 def test_outage_kill_9_and_a_rotated_token_lose_nothing_and_double_nothing(tmp_path, sample_bundle, daemon_cache,
-                                                                          daemons):
-    trainer = Trainer(trainer_config(None, tmp_path, "embedded"))
+                                                                          daemons, embedded_trainer):
+    trainer = embedded_trainer
     token = register(trainer, "edge-2", tmp_path)  # registered, but the trainer is not running yet
     hot = tmp_path / "hot"
     hot.mkdir()
@@ -136,7 +145,8 @@ def test_outage_kill_9_and_a_rotated_token_lose_nothing_and_double_nothing(tmp_p
     # 2. It comes up: the backlog drains.
     trainer.start()
     d.wait_until(lambda: settled(d), 120, "the backlog delivered")
-    assert len(trainer.frames("edge-2")) == 12
+    deliveries = audit_rows(d.db, "deliveries", "output IN ('trainer', 'frames')")
+    assert len(trainer.frames("edge-2")) == 12, deliveries
 
     # 3. kill -9 of the trainer, then of the daemon, with frames arriving; both come back.
     feed(10)

@@ -127,6 +127,14 @@ def test_a_rebuild_publishes_a_model_that_passes_the_gate(storage: Storage, work
     assert evaluation.baseline_model_id == model.id
     assert evaluation.metrics["running"]["scores_from"] == "trainer"
     assert not any("appliance recorded" in n for n in evaluation.metrics["notes"])
+    # nothing new since: a third rebuild fits the same bundle, and the judged model's record stands
+    before = cat.model(second.model_id)
+    third = new_job(storage)
+    worker.queue.enqueue(third.id)
+    third = wait_for(storage, third.id, ("succeeded", "refused", "failed"))
+    assert (third.dataset_id, third.model_id) == (second.dataset_id, second.model_id)
+    assert third.status == second.status and "again" in third.detail, third.detail
+    assert cat.model(second.model_id) == before and len(cat.evaluations(second.model_id)) == 1
     # the published archive loads on its own and passes its golden check
     load_bundle(storage.blobs.download(model.bundle, worker.folder / "check.tar.gz"),
                 cache_dir=worker.folder / "check").close()

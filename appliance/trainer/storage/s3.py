@@ -26,6 +26,8 @@ from .keys import check_key
 
 #: Files above this size go up in parts (boto3's managed transfer); a few threads, not a core each.
 _TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
+#: Connections kept to the store: as many as the API has worker threads, plus the workers' own.
+POOL_CONNECTIONS = 48
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _REFUSED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
@@ -50,7 +52,9 @@ class S3BlobStore(BlobStore):
             "s3", endpoint_url=config.endpoint, region_name=config.region, aws_access_key_id=config.access_key,
             aws_secret_access_key=config.secret(),
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=10,
-                          read_timeout=120, retries={"max_attempts": 3, "mode": "standard"}))
+                          read_timeout=120, retries={"max_attempts": 3, "mode": "standard"},
+                          # the API's handlers run on up to 40 threads (anyio's pool): one connection each
+                          max_pool_connections=POOL_CONNECTIONS))
         try:
             self._open_bucket()
         except BaseException:
