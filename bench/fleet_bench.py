@@ -36,8 +36,10 @@ Phases, each with the CPU seconds every part used (trainer, PostgreSQL, SeaweedF
    (``datasets.draw`` for every camera; ``datasets.create_version`` for one) on the catalogue directly.
 3. rebuild throughput: the K cameras' drift jobs (awaiting approval) are cancelled through the admin API, then
    K rebuilds are requested (one per camera) with ONE ``appliance trainer worker`` process waiting for them,
-   then K more with TWO worker processes: the same frames, so the same dataset versions and the same work
-   (an approved drift job would draw differently: frames after the drift are the new normal). Per round: the
+   then K more with TWO worker processes, after 3 more frames reached each camera: a new dataset version of
+   nearly the same frames, so nearly the same work (the very same frames would give the same bundle, whose
+   earlier verdict the trainer keeps without judging it again; an approved drift job would draw differently:
+   frames after the drift are the new normal). Per round: the
    time from the first request until all K ended, jobs/hour in all and per worker, each job's own time, each
    status with its reason, each worker's peak RSS (``ru_maxrss`` from ``wait4``). The K cameras are the first
    whose frames give the gate its ``gate.min_eval_good`` held-out good frames; cameras with fewer than
@@ -649,7 +651,7 @@ def request_jobs(admin: Admin, cameras: list[str]) -> list[int]:
 def cancel_drift_jobs(admin: Admin, cameras: list[str]) -> list[float]:
     """Cancel the cameras' drift jobs that await approval (a camera has one open job at most); each call's time.
 
-    Every round then runs requested rebuilds, drawn by the same rule from the same frames: the same work.
+    Every round then runs requested rebuilds, drawn by the same rule from (nearly) the same frames.
     (An approved drift job draws differently: frames after the drift count as the new normal.)
     """
     waiting, _ = admin.call("GET", f"{API}/admin/jobs", params={"status": "awaiting_approval", "limit": 10_000})
@@ -660,6 +662,9 @@ def cancel_drift_jobs(admin: Admin, cameras: list[str]) -> list[float]:
 
 def rebuild_round(ctx: Bench, workers: int, tag: str, burst: Callable[[], Any] | None = None) -> dict[str, Any]:
     """K jobs run by ``workers`` worker processes: makespan, jobs/hour, per-job times, statuses, peak RSS."""
+    if ctx.rounds:
+        freshen(ctx)
+    ctx.rounds += 1
     meter = CpuMeter(ctx.pids)
     meter.start()  # before the workers start: their CPU time (from wait4) includes their start-up
     burst_figures = None
@@ -712,6 +717,24 @@ class Bench:
     pids: dict[str, int]
     now: float
     rebuild_cameras: list[str] = field(default_factory=list)
+    frames_held: int = 0  # frames each rebuild camera holds (its next frame's index)
+    rounds: int = 0
+
+
+#: Frames added to each rebuild camera before every round but the first: a new dataset version, so the round
+#: fits and judges a new bundle (the same frames would give the same bundle, whose verdict the trainer keeps).
+FRESH_FRAMES = 3
+
+
+def freshen(ctx: Bench) -> None:
+    """Upload ``FRESH_FRAMES`` more frames to every rebuild camera (not timed)."""
+    ids = {a: i for i, (a, _) in enumerate(ctx.appliances)}
+    start = ctx.frames_held
+    out = run_clients(ctx.url, tasks_for(ctx, CAMERA, start, start + FRESH_FRAMES, drift=False,
+                                         only=[ids[a] for a in ctx.rebuild_cameras]), ctx.args.client_procs, ctx.now)
+    if out.errors:
+        log(f"  errors adding frames before the round: {out.errors[:5]}")
+    ctx.frames_held = start + FRESH_FRAMES
 
 
 def tasks_for(ctx: Bench, camera: str, start: int, stop: int, drift: bool,
@@ -794,7 +817,7 @@ def phase_rebuilds(ctx: Bench) -> dict[str, Any]:
     pairs = list(zip(one["jobs_detail"], two["jobs_detail"], strict=True))
     same_models = sum(1 for a, b in pairs if a["model_id"] and a["model_id"] == b["model_id"])
     return {"one_worker": one, "two_workers": two,
-            "same_dataset_versions": all(a["dataset_id"] == b["dataset_id"] for a, b in pairs),
+            "new_dataset_versions": all(a["dataset_id"] != b["dataset_id"] for a, b in pairs),
             "same_model_ids": same_models,
             "ratio_two_to_one": round(two["jobs_per_hour"] / one["jobs_per_hour"], 2)}
 
@@ -843,6 +866,7 @@ def run(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> None:
         queries = phase_queries(ctx, "idle, after the uploads")
         result["queries_after_uploads"] = {k: v for k, v in queries.items() if k != "_counts"}
         ctx.rebuild_cameras, result["top_up"] = choose_rebuild_cameras(ctx)
+        ctx.frames_held = max(args.frames, args.rebuild_frames)
         result["drift_jobs_cancelled_ms"] = stats_ms(cancel_drift_jobs(admin, ctx.rebuild_cameras))
         _, counts = time_draws(ctx.storage, ctx.rebuild_cameras, 1)
         result["rebuild_cameras"] = counts
@@ -906,9 +930,9 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"      stages s (mean): {x['stages_s_mean']}; worker CPU s per job {x['workers_cpu_s_per_job']}; "
                      f"cores busy: workers {cpu['workers'] / cpu['wall_s']:.2f}, others "
                      f"{cpu['others'] / cpu['wall_s']:.2f}, machine {cpu['machine'] / cpu['wall_s']:.2f}")
-    lines.append(f"  ratio two workers / one (jobs/h): {b['ratio_two_to_one']}; same dataset versions in both "
-                 f"rounds: {b['same_dataset_versions']}; the same model id again: {b['same_model_ids']} of "
-                 f"{len(b['two_workers']['jobs_detail'])} (a bundle's id is its content hash)")
+    lines.append(f"  ratio two workers / one (jobs/h): {b['ratio_two_to_one']}; a new dataset version per camera "
+                 f"in round two ({FRESH_FRAMES} frames more): {b['new_dataset_versions']}; the same model id again: "
+                 f"{b['same_model_ids']} of {len(b['two_workers']['jobs_detail'])} (should be 0)")
     reasons = sorted({(j["detail"] or "")[:160] for x in (b["one_worker"], b["two_workers"])
                       for j in x["jobs_detail"] if j["status"] != "succeeded"})
     lines += [f"    not published: {reason}" for reason in reasons[:6]]
