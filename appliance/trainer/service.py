@@ -101,6 +101,9 @@ def last_due(expression: str, now: float) -> float:
     return croniter(expression, base).get_prev(datetime).timestamp()
 
 
+_NO_BYTES = "no bytes"
+
+
 class TrainerService:
     """The trainer's operations over its storage and job queue (thread-safe)."""
 
@@ -161,10 +164,10 @@ class TrainerService:
             if len(data) != meta.size:
                 raise Invalid(f"{len(data)} bytes sent, the metadata says {meta.size}")
             self.put_content(appliance_id, meta.camera_id, meta.sha256, meta.suffix, data)
-        elif not self.blobs.exists(key):
-            raise Conflict(f"no bytes under {key}: send them first (plan the upload again)")
         else:
-            problem = self._blob_matches(key, meta)
+            problem = self._blob_matches(key, meta)  # one read: no bytes, or which bytes
+            if problem == _NO_BYTES:
+                raise Conflict(f"no bytes under {key}: send them first (plan the upload again)")
             if problem is not None:
                 self.blobs.delete(key)
                 raise Invalid(f"{key}: {problem}; deleted, send the bytes again")
@@ -420,7 +423,7 @@ class TrainerService:
         try:
             data = self.blobs.get(key)
         except KeyError:
-            return "no bytes"
+            return _NO_BYTES
         if len(data) != meta.size:
             return f"{len(data)} bytes stored, the metadata says {meta.size}"
         actual = hashlib.sha256(data).hexdigest()
